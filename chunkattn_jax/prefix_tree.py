@@ -255,9 +255,23 @@ class PrefixTree:
       raise ValueError(f"append_tokens: repeated sequence ids in {list(seq_ids)}")
     c = self.chunk_size
     self._reserve(sum(1 for s in seqs if s.length % c == 0))
-    out = np.asarray([self._append_one(s, t) for s, t in zip(seqs, toks)], np.int32)
+    slots, offsets = [], []
+    for seq, tok in zip(seqs, toks):  # the hot path of every decode step: kept lean
+      offset = seq.length % c
+      if offset:
+        tail = seq.path[-1]
+        tail.tokens.append(tok)
+        seq.length += 1
+        if offset + 1 == c:
+          tail.parent.full_children.setdefault(tuple(tail.tokens), tail)
+        slots.append(tail.slot)
+        offsets.append(offset)
+      else:
+        slot, offset = self._append_one(seq, tok)
+        slots.append(slot)
+        offsets.append(offset)
     self._note_appends([1] * len(seqs), len(seqs))
-    return out
+    return np.array([slots, offsets], np.int32).T
 
   def remove(self, seq_id: int) -> list[int]:
     """Removes a sequence; returns the pool slots that were freed (those no live sequence uses)."""

@@ -1,0 +1,61 @@
+"""The experiment runner runs each config end to end at shrunk sizes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (import check: the runner needs it)
+
+from configs import quickstart, tree_overhead
+from experiments.run import run_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, "results.csv")) as f:
+    csv_rows = list(csv.DictReader(f))
+  assert len(csv_rows) == len(results["rows"])
+  assert {"jax", "device_kind", "date", "backend"} <= set(results["environment"])
+  return results
+
+
+def test_quickstart_shrunk(tmp_path, capsys):
+  config = quickstart.get_config()
+  config.batch, config.n_p, config.n_s = 3, 100, 64
+  rows = run_experiment(config, str(tmp_path))
+  results = read_results(tmp_path)
+  assert results["config"]["batch"] == 3
+  assert {r["impl"] for r in rows} >= {"reference", "xla"}
+  assert all(r["max_abs_err"] <= config.tolerance for r in rows)
+  assert any(r["shared_items"] > 0 for r in rows)
+  out = capsys.readouterr().out
+  assert "less KV memory" in out and out.rstrip().splitlines()[-1].strip()
+
+
+def test_tree_overhead_shrunk(tmp_path):
+  config = tree_overhead.get_config()
+  config.batches, config.n_s, config.n_priv, config.steps, config.plan_iters = (4, 8), 256, 40, 40, 2
+  config.chunk_size = 16
+  rows = run_experiment(config, str(tmp_path))
+  read_results(tmp_path)
+  assert {r["batch"] for r in rows} == {4, 8}
+  assert all(r["us"] > 0 for r in rows)
+  assert os.path.exists(tmp_path / "tree_overhead.png")
+
+
+@pytest.mark.slow
+def test_command_line_with_overrides(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.run", "--config", "configs/quickstart.py",
+         "--config.batch=2", "--config.n_p=70", "--config.n_s=64", f"--workdir={tmp_path}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert read_results(tmp_path)["config"]["n_p"] == 70
+  bad = subprocess.run(cmd[:4] + ["--config.no_such_field=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert bad.returncode != 0 and "no_such_field" in bad.stderr
