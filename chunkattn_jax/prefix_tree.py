@@ -336,13 +336,17 @@ class PrefixTree:
       assert 1 <= len(node.tokens) <= c, "chunk size out of range"
       if len(node.tokens) < c:
         assert not node.children and node.count == 1, "a partial chunk is shared or has children"
-      for key, child in node.full_children.items():
-        assert child in node.children and tuple(child.tokens) == key, "stale match index"
+      self._check_match_index(node)
       stack.extend(node.children)
-    for key, child in self._root.full_children.items():
-      assert child in self._root.children and tuple(child.tokens) == key, "stale match index"
+    self._check_match_index(self._root)
     assert used == self.pool.num_used, f"{used} nodes but {self.pool.num_used} pool slots used"
     assert self.pool.num_used + self.pool.num_free == self.pool.capacity
+
+  def _check_match_index(self, node: _Node) -> None:
+    for key, child in node.full_children.items():
+      assert child in node.children and tuple(child.tokens) == key, "stale match index"
+    full_keys = {tuple(ch.tokens) for ch in node.children if len(ch.tokens) == self.chunk_size}
+    assert full_keys == set(node.full_children), "a full chunk is missing from the match index"
 
   # ---------------------------------------------------------------- internals
   def _get(self, seq_id) -> _Seq:
