@@ -51,6 +51,8 @@ class DecodePlan:
   length_delta: np.ndarray        # []
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
   partial_capacity: int = dataclasses.field(metadata=dict(static=True))
+  # Largest `item_row_end - item_row_begin`, padded to a power of two: sizes the chunk-first grid.
+  item_rows_capacity: int = dataclasses.field(metadata=dict(static=True), default=1)
 
   @property
   def row_capacity(self) -> int:
@@ -197,7 +199,8 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       row_items=row_items_arr, row_num_items=row_num_items, item_chunks=item_chunks,
       item_num_chunks=item_num_chunks, item_row_begin=item_row_begin, item_row_end=item_row_end,
       item_partial_offset=item_partial_offset, length_delta=np.asarray(0, np.int32),
-      chunk_size=c, partial_capacity=bucket(offset))
+      chunk_size=c, partial_capacity=bucket(offset),
+      item_rows_capacity=bucket(max((end - begin for _, begin, end in items), default=1)))
 
 
 class PlanBuilder:

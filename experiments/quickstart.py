@@ -36,7 +36,6 @@ def build_workload(config, seed: int = 0):
 
 def dense_per_sequence(tree, q, k_pool, v_pool):
   """[b, h, d] fp32: each sequence's K/V copied out of the pool, then plain softmax attention."""
-  c = tree.chunk_size
   outs = []
   for r, sid in enumerate(tree.seq_ids()):
     path = jnp.asarray(tree.chunk_path(sid))

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (import check: the runner needs it)
 
 from configs import quickstart, tree_overhead
 from experiments.run import run_experiment

@@ -1,6 +1,5 @@
 """Golden tree shapes (small chunk sizes so the expected structure is readable) and bad input."""
 
-import numpy as np
 import pytest
 
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError

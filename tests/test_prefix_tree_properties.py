@@ -7,7 +7,6 @@ could have extended the match. Model chunk ids are mapped to pool slots one-to-o
 """
 
 import hypothesis.strategies as st
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError

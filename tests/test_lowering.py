@@ -1,0 +1,81 @@
+"""GPU lowering check without a GPU: every supported kernel configuration lowers to Triton for
+`cuda` on an abstract H100 (catches Triton lowering errors such as non-power-of-two blocks; does
+not run ptxas or execute anything)."""
+
+import functools
+import importlib
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.mesh import AbstractDevice  # 0.11.2: not public; the documented recipe
+from jax.sharding import AbstractMesh
+
+from pallas_kernels import two_phase_decode
+
+S = jax.ShapeDtypeStruct
+I32 = jnp.int32
+R, I, G, P, K, Q, N_CHUNKS = 32, 8, 16, 16, 4, 64, 512
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+
+def h100_mesh():
+  return AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+      device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
+
+
+def lower_for_cuda(f, *args, **kwargs) -> str:
+  with jax.sharding.use_abstract_mesh(h100_mesh()):
+    return jax.jit(f).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def plan_specs():
+  return dict(
+      num_rows=S((), I32), row_private_chunks=S((R, P), I32), row_private_len=S((R,), I32),
+      row_items=S((R, K), I32), row_num_items=S((R,), I32), item_chunks=S((I, G), I32),
+      item_num_chunks=S((I,), I32), item_row_begin=S((I,), I32), item_row_end=S((I,), I32),
+      item_partial_offset=S((I,), I32), length_delta=S((), I32))
+
+
+GQA = {1: (32, 32), 4: (32, 8), 8: (32, 4), 32: (32, 1)}  # g -> (h, h_kv); 32 = MQA
+CONFIGS = list(itertools.product((64, 128, 256), (16, 32, 64, 128),
+                                 (jnp.float16, jnp.bfloat16, jnp.float32), (1, 4, 8)))
+
+
+@pytest.mark.parametrize("d,c,dtype,g", CONFIGS,
+                         ids=[f"d{d}-c{c}-{jnp.dtype(t).name}-g{g}" for d, c, t, g in CONFIGS])
+def test_two_phase_lowers_for_h100(d, c, dtype, g):
+  h, h_kv = GQA[g]
+  f = functools.partial(two_phase_decode, partial_capacity=Q, impl="pallas")
+  text = lower_for_cuda(f, S((R, h, d), dtype), S((N_CHUNKS, h_kv, c, d), dtype),
+                        S((N_CHUNKS, h_kv, c, d), dtype), **plan_specs())
+  assert text.count("__gpu$xla.gpu.triton") == 2  # both phases are Triton kernels
+
+
+@pytest.mark.parametrize("g,block_m", [(32, None), (1, 16), (8, 128)])
+def test_mqa_and_block_m_variants_lower(g, block_m):
+  h, h_kv = GQA[g]
+  f = functools.partial(two_phase_decode, partial_capacity=Q, impl="pallas", block_m=block_m,
+                        num_warps=8, num_stages=3)
+  text = lower_for_cuda(f, S((R, h, 128), jnp.float16), S((N_CHUNKS, h_kv, 64, 128), jnp.float16),
+                        S((N_CHUNKS, h_kv, 64, 128), jnp.float16), **plan_specs())
+  assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def test_check_catches_a_non_power_of_two_block():
+  """The same recipe rejects a kernel with a 24-row block (the public API refuses it earlier)."""
+  cf = importlib.import_module("pallas_kernels.chunk_first")
+
+  def bad(q, k, v, *plan_and_partials):
+    *plan, po, pm, pl_ = plan_and_partials
+    return cf._chunk_first_call(q, k, v, *plan, (po, pm, pl_), g=1, item_rows_capacity=R,
+                                block_m=24, sm_scale=0.1, num_warps=4, num_stages=2,
+                                interpret=False)
+
+  args = (S((4, R, 128), jnp.float16), S((N_CHUNKS, 4, 64, 128), jnp.float16),
+          S((N_CHUNKS, 4, 64, 128), jnp.float16), S((I, G), I32), *[S((I,), I32)] * 4,
+          S((4, Q, 128), jnp.float32), S((4, Q), jnp.float32), S((4, Q), jnp.float32))
+  with pytest.raises(Exception, match="power of 2"):
+    lower_for_cuda(bad, *args)

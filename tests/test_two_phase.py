@@ -1,0 +1,121 @@
+"""Two-phase decode attention: every implementation against an independent fp32 dense attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chunkattn_jax.attention import decode_attention, plan_kwargs
+from chunkattn_jax.sharing_policy import CostModelPolicy
+from kernel_cases import (TOL, check_against_dense, dense_rows, make_case, poisoned_partials)
+from pallas_kernels import two_phase_decode, validate_plan_arrays
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_xla_and_reference_match_dense(rng, impl, g, dtype):
+  case = make_case(rng, g=g, dtype=dtype, seed=g)
+  assert case.plan.num_shared_items() >= 4  # a real multi-level tree
+  out = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl=impl)
+  assert out.dtype == dtype and out.shape == case.q.shape
+  check_against_dense(case, out, dtype)
+
+
+@pytest.mark.parametrize("g,dtype", [(1, jnp.float32), (4, jnp.bfloat16), (8, jnp.float16)])
+def test_pallas_interpret_matches_dense_and_xla(rng, g, dtype):
+  case = make_case(rng, g=g, dtype=dtype, seed=10 + g, append=1, length_delta=2)
+  assert int(case.plan.length_delta) == 2
+  kw = dict(**plan_kwargs(case.plan))
+  out = two_phase_decode(case.q, case.k_pool, case.v_pool, **kw, impl="pallas_interpret",
+                         partials=poisoned_partials(case))
+  check_against_dense(case, out, dtype)
+  xla = two_phase_decode(case.q, case.k_pool, case.v_pool, **kw, impl="xla")
+  np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)),
+                             np.asarray(xla.astype(jnp.float32)), atol=TOL[dtype], rtol=0)
+
+
+def test_pallas_interpret_chunk_64_paper_lengths(rng):
+  """c = 64 with the lengths 3, 63, 64, 65, 513 (private tails) and shared prefixes."""
+  case = make_case(rng, c=64, g=4, dtype=jnp.float32, n_chunks=96)
+  lengths = {case.tree.length(s) - 64 * case.tree.num_shared_chunks(s) for s in case.tree.seq_ids()}
+  assert {3, 63, 64, 65, 513} <= lengths
+  out = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl="pallas_interpret")
+  check_against_dense(case, out, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_paged_plan_without_shared_items(rng, impl):
+  """threshold >= b: no chunk-first work at all (the paper's PagedAttn ablation)."""
+  case = make_case(rng, g=4, plan_kwargs_=dict(threshold=1000), seed=3)
+  assert case.plan.num_shared_items() == 0
+  out = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl=impl)
+  check_against_dense(case, out, jnp.float32)
+
+
+def test_cost_model_plan_matches_dense(rng):
+  policy = CostModelPolicy.for_shapes(num_heads=8, num_kv_heads=2, head_dim=64, chunk_size=16,
+                                      overhead_us=0.0)
+  case = make_case(rng, g=4, plan_kwargs_=dict(policy=policy), seed=4)
+  out = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl="xla")
+  check_against_dense(case, out, jnp.float32)
+
+
+def test_xla_with_poisoned_partials_and_item_rows_capacity(rng):
+  case = make_case(rng, g=1, seed=5)
+  p = case.plan
+  max_rows = int((p.item_row_end - p.item_row_begin).max())
+  assert p.item_rows_capacity == 1 << (max_rows - 1).bit_length()
+  out = two_phase_decode(case.q, case.k_pool, case.v_pool, **plan_kwargs(p), impl="xla",
+                         partials=poisoned_partials(case))
+  check_against_dense(case, out, jnp.float32)
+
+
+def test_deterministic_and_eager_equals_jit(rng):
+  case = make_case(rng, g=4, seed=6)
+  a = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl="xla")
+  b = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl="xla")
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with jax.disable_jit():
+    c = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl="xla")
+  np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6, rtol=0)
+
+
+def test_custom_sm_scale(rng):
+  case = make_case(rng, g=1, seed=7)
+  out = decode_attention(case.q, case.k_pool, case.v_pool, case.plan, impl="xla", sm_scale=0.3)
+  want, b = dense_rows(case, sm_scale=0.3)
+  np.testing.assert_allclose(np.asarray(out)[:b], want, atol=2e-5, rtol=0)
+
+
+def test_plan_arrays_validate(rng):
+  case = make_case(rng, g=1, seed=8)
+  p = case.plan
+  kw = dict(plan_kwargs(p), n_chunks=case.k_pool.shape[0], chunk_size=p.chunk_size)
+  validate_plan_arrays(**kw)
+  bad = p.item_row_end.copy()
+  bad[0] = int(p.num_rows) + 1
+  with pytest.raises(ValueError, match="row range"):
+    validate_plan_arrays(**dict(kw, item_row_end=bad))
+  bad = p.row_private_chunks.copy()
+  bad[0, 0] = case.k_pool.shape[0]
+  with pytest.raises(ValueError, match="row_private_chunks"):
+    validate_plan_arrays(**dict(kw, row_private_chunks=bad))
+
+
+def test_trace_time_validation(rng):
+  case = make_case(rng, g=1, seed=9)
+  q, k, v, p = case.q, case.k_pool, case.v_pool, case.plan
+  with pytest.raises(ValueError, match="q.dtype"):
+    decode_attention(q.astype(jnp.float16), k, v, p)
+  with pytest.raises(ValueError, match="multiple of KV heads"):
+    decode_attention(q[:, :1], k, v, p)
+  with pytest.raises(ValueError, match="impl"):
+    decode_attention(q, k, v, p, impl="cuda")
+  with pytest.raises(ValueError, match=r"k_pool.shape="):
+    decode_attention(q, k[:, :, :8], v[:, :, :8], p)
+  with pytest.raises(ValueError, match="Pallas kernels support d"):
+    decode_attention(q[..., :32], k[..., :32], v[..., :32], p, impl="pallas_interpret")
+  with pytest.raises(ValueError, match="int32"):
+    two_phase_decode(q, k, v, **dict(plan_kwargs(p), row_items=p.row_items.astype(np.float32)))
+  with pytest.raises(ValueError, match="v_pool"):
+    decode_attention(q, k, v[:-1], p)
