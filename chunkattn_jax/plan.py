@@ -118,7 +118,7 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
 
   # Explicit stack (paths may be thousands of chunks deep). Entries: a node to enter, or an int
   # tuple marker to undo what entering a run pushed.
-  stack: list = list(reversed(list(tree._iter_root_children())))
+  stack: list = [n for n in reversed(tree._iter_root_children()) if n.count]
   while stack:
     entry = stack.pop()
     if isinstance(entry, tuple):
@@ -131,7 +131,7 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
     if node.count == 1:
       # Fast path: one sequence below; the rest of its path is private.
       while not node.ending:
-        node = node.children[0]
+        node = next(ch for ch in node.children if ch.count)  # skip cached (count 0) chunks
       seq = node.ending[0]
       depth = entry.depth
       rows.append(seq)
@@ -140,8 +140,11 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       row_shared_chunks.append(n_shared)
       continue
     run = [node]
-    while not run[-1].ending and len(run[-1].children) == 1:
-      run.append(run[-1].children[0])
+    while not run[-1].ending:
+      live = [ch for ch in run[-1].children if ch.count]
+      if len(live) != 1:
+        break
+      run.append(live[0])
     begin = len(rows)
     if shared(node.count, len(run)):
       slots = [n.slot for n in run]
@@ -155,7 +158,7 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       marker = (0, len(run), 0)
     stack.append(marker)
     last = run[-1]
-    stack.extend(reversed(last.children))
+    stack.extend(ch for ch in reversed(last.children) if ch.count)
     for seq in last.ending:
       rows.append(seq)
       row_private.append(list(priv_stack))

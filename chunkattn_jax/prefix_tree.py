@@ -10,6 +10,7 @@ anything, so a call that raises leaves the tree and the pool exactly as they wer
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError
 
-MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1, 256
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 2, 256
 
 
 class UnknownSequenceError(KeyError):
@@ -39,7 +40,7 @@ class _Node:
     self.children: list[_Node] = []  # insertion order == depth-first row order
     self.full_children: dict[tuple[int, ...], _Node] = {}  # prefix matching index
     self.ending: list[_Seq] = []  # sequences whose path ends here, in insertion order
-    self.count = 0  # live sequences whose path contains this node
+    self.count = 0  # live sequences whose path contains this node (0: a cached chunk)
     self.depth = depth  # index of this node in its sequences' paths (-1 for the root)
 
 
@@ -102,15 +103,27 @@ def _check_chunk_size(chunk_size) -> int:
 class PrefixTree:
   """A forest of token chunks shared by prefix; see docs/design.md section 2.
 
+  Prefix cache: with `keep_cached=True` (per tree, or per `remove` call) the full chunks of a
+  removed sequence stay in the tree as *cached* chunks (no live sequence; the tree holds their pool
+  slot) so that a later insert with the same prefix reuses their K/V. Cached chunks are evicted
+  least-recently-used, leaves first, whenever an insert or append needs more slots than are free;
+  they never appear as plan rows.
+
   Args:
     pool: the ChunkPool whose slots hold the chunks, or an int capacity to create one.
-    chunk_size: tokens per chunk `c`, a power of two <= 256 (16..256 for the GPU kernels; tests use
-      smaller powers of two to make golden shapes readable).
+    chunk_size: tokens per chunk `c`, a power of two in [2, 256] (16..256 for the GPU kernels;
+      tests use smaller powers of two to make golden shapes readable).
+    keep_cached: default for `remove(..., keep_cached=)`.
   """
 
-  def __init__(self, pool: ChunkPool | int, chunk_size: int):
+  def __init__(self, pool: ChunkPool | int, chunk_size: int, *, keep_cached: bool = False):
     self.chunk_size = _check_chunk_size(chunk_size)
     self.pool = pool if isinstance(pool, ChunkPool) else ChunkPool(pool)
+    self.keep_cached = keep_cached
+    # Cached (count 0) nodes in eviction order. A node enters when its last sequence leaves,
+    # deepest first, so every node comes after all of its cached descendants: the front is always a
+    # leaf.
+    self._lru: collections.OrderedDict[int, _Node] = collections.OrderedDict()
     self._root = _Node(-1, [], None, -1)
     self._seqs: dict[int, _Seq] = {}
     self._next_id = 0
@@ -134,8 +147,9 @@ class PrefixTree:
     stack = list(reversed(self._root.children))
     while stack:
       node = stack.pop()
-      out.extend(s.seq_id for s in node.ending)
-      stack.extend(reversed(node.children))
+      if node.count:  # cached subtrees hold no sequences
+        out.extend(s.seq_id for s in node.ending)
+        stack.extend(reversed(node.children))
     return out
 
   def tokens(self, seq_id: int) -> list[int]:
@@ -161,6 +175,39 @@ class PrefixTree:
     c = self.chunk_size
     return -(-(num_tokens - num_cached) // c)
 
+  @property
+  def num_cached_chunks(self) -> int:
+    """Chunks kept only by the prefix cache (evictable)."""
+    return len(self._lru)
+
+  @property
+  def num_available_chunks(self) -> int:
+    """Slots an insert or append can get: free slots plus evictable cached chunks."""
+    return self.pool.num_free + len(self._lru)
+
+  def can_insert(self, tokens: Sequence[int], *, min_new_tokens: int = 0) -> bool:
+    """Whether `insert(tokens, min_new_tokens=...)` would find room (no change to the tree)."""
+    toks = _as_token_list(tokens, "can_insert")
+    node, num_cached = self._match(toks, len(toks) - min_new_tokens)
+    reused = sum(1 for n in self._path_to(node) if n.count == 0)
+    return self.chunks_needed(len(toks), num_cached) <= self.num_available_chunks - reused
+
+  def cached_slots(self) -> list[int]:
+    """Pool slots of cached chunks, least recently used first."""
+    return [n.slot for n in self._lru.values()]
+
+  def evict_cached(self, n: int | None = None) -> list[int]:
+    """Evicts up to `n` (default all) cached chunks, least recently used first; returns the slots."""
+    n = len(self._lru) if n is None else min(n, len(self._lru))
+    freed = []
+    for _ in range(n):
+      _, node = self._lru.popitem(last=False)
+      assert not node.children, "LRU front must be a leaf"
+      self.pool.decref(node.slot)
+      self._unlink(node)
+      freed.append(node.slot)
+    return freed
+
   # ---------------------------------------------------------------- mutations
   def insert(self, tokens: Sequence[int], *, min_new_tokens: int = 0) -> InsertResult:
     """Adds a sequence, sharing the longest matching run of full chunks.
@@ -182,15 +229,15 @@ class PrefixTree:
       raise ValueError(f"min_new_tokens must be in [0, {len(toks)}], got {min_new_tokens}")
     node, num_cached = self._match(toks, len(toks) - min_new_tokens)
     c = self.chunk_size
-    new_slots = self.pool.allocate(self.chunks_needed(len(toks), num_cached))  # may raise
-    path: list[_Node] = []
-    n = node
-    while n is not self._root:
-      path.append(n)
-      n = n.parent
-    path.reverse()
+    path = self._path_to(node)
+    revived = [n for n in path if n.count == 0]  # cached chunks this insert brings back to life
+    self._reserve(self.chunks_needed(len(toks), num_cached), exclude=revived)  # may raise
+    for n in revived:
+      del self._lru[id(n)]  # the cache's pool reference passes to the new sequence
+    new_slots = self._allocate(self.chunks_needed(len(toks), num_cached))
     for n in path:
-      self.pool.incref(n.slot)
+      if n.count:
+        self.pool.incref(n.slot)
       n.count += 1
     parent = node
     for i, slot in enumerate(new_slots):
@@ -273,24 +320,32 @@ class PrefixTree:
     self._note_appends([1] * len(seqs), len(seqs))
     return np.array([slots, offsets], np.int32).T
 
-  def remove(self, seq_id: int) -> list[int]:
-    """Removes a sequence; returns the pool slots that were freed (those no live sequence uses)."""
+  def remove(self, seq_id: int, *, keep_cached: bool | None = None) -> list[int]:
+    """Removes a sequence.
+
+    Args:
+      seq_id: a live sequence id.
+      keep_cached: keep its full chunks that no live sequence uses as cached chunks (default: the
+        tree's `keep_cached`). Partial chunks are always freed.
+
+    Returns:
+      The pool slots that were freed (those neither a live sequence nor the cache keeps).
+    """
     seq = self._get(seq_id)
+    keep = self.keep_cached if keep_cached is None else keep_cached
     seq.path[-1].ending.remove(seq)
     freed = []
-    for node in reversed(seq.path):
+    for node in reversed(seq.path):  # deepest first: keeps the LRU's leaves-first order
       node.count -= 1
-      if self.pool.decref(node.slot):
+      if node.count == 0 and keep and len(node.tokens) == self.chunk_size:
+        self._lru[id(node)] = node  # the pool reference passes to the cache
+      elif node.count == 0:
+        freed += self._free_cached_below(node)
+        self.pool.decref(node.slot)
         freed.append(node.slot)
-        parent = node.parent
-        parent.children.remove(node)
-        key = tuple(node.tokens)
-        if parent.full_children.get(key) is node:
-          del parent.full_children[key]
-          # A sibling that filled later with the same tokens becomes the one inserts match.
-          twin = next((ch for ch in parent.children if tuple(ch.tokens) == key), None)
-          if twin is not None:
-            parent.full_children[key] = twin
+        self._unlink(node)
+      else:
+        self.pool.decref(node.slot)
     del self._seqs[seq_id]
     self._structure_changed()
     return freed
@@ -307,7 +362,8 @@ class PrefixTree:
                     tuple(sorted((k, v.slot) for k, v in n.full_children.items()))))
       stack.extend(n.children)
     seqs = tuple((s.seq_id, tuple(s.slots), s.length) for s in self._seqs.values())
-    return (tuple(nodes), seqs, self._next_id, self.structure_version, self.length_epoch, self.uniform_delta,
+    lru = tuple(n.slot for n in self._lru.values())
+    return (tuple(nodes), seqs, lru, self._next_id, self.structure_version, self.length_epoch, self.uniform_delta,
             self.pool.snapshot())
 
   def check_invariants(self) -> None:
@@ -331,8 +387,13 @@ class PrefixTree:
     while stack:
       node = stack.pop()
       used += 1
-      assert node.count == counts.get(id(node), 0) >= 1, "count != live sequences through node"
-      assert self.pool.refcount(node.slot) == node.count, "pool refcount != node count"
+      assert node.count == counts.get(id(node), 0), "count != live sequences through node"
+      if node.count == 0:
+        assert id(node) in self._lru and len(node.tokens) == c, "a dead chunk is not cached"
+        assert self.pool.refcount(node.slot) == 1, "a cached chunk's pool refcount is not 1"
+      else:
+        assert id(node) not in self._lru, "a live chunk is in the cache's LRU"
+        assert self.pool.refcount(node.slot) == node.count, "pool refcount != node count"
       assert 1 <= len(node.tokens) <= c, "chunk size out of range"
       if len(node.tokens) < c:
         assert not node.children and node.count == 1, "a partial chunk is shared or has children"
@@ -340,6 +401,10 @@ class PrefixTree:
       stack.extend(node.children)
     self._check_match_index(self._root)
     assert used == self.pool.num_used, f"{used} nodes but {self.pool.num_used} pool slots used"
+    seen: set[int] = set()
+    for node in self._lru.values():  # every node after its cached descendants
+      assert all(id(ch) in seen for ch in node.children), "LRU order is not leaves first"
+      seen.add(id(node))
     assert self.pool.num_used + self.pool.num_free == self.pool.capacity
 
   def _check_match_index(self, node: _Node) -> None:
@@ -372,16 +437,58 @@ class PrefixTree:
     c = self.chunk_size
     return -(-(seq.length + n) // c) - -(-seq.length // c)
 
-  def _reserve(self, n: int) -> None:
-    if n > self.pool.num_free:
-      raise PoolExhaustedError(n, self.pool.num_free, self.pool.capacity)
+  def _reserve(self, n: int, exclude: Sequence[_Node] = ()) -> None:
+    """Raises PoolExhaustedError unless `n` slots can be had from free slots plus evictable cached
+    chunks (other than `exclude`, which the caller is about to reuse). Changes nothing."""
+    available = self.pool.num_free + len(self._lru) - len(exclude)
+    if n > available:
+      raise PoolExhaustedError(n, available, self.pool.capacity)
+
+  def _allocate(self, n: int) -> list[int]:
+    """Allocates `n` slots, evicting cached chunks first if needed (after a `_reserve`)."""
+    short = n - self.pool.num_free
+    if short > 0:
+      self.evict_cached(short)
+    return self.pool.allocate(n)
+
+  def _path_to(self, node: _Node) -> list[_Node]:
+    path = []
+    while node is not self._root:
+      path.append(node)
+      node = node.parent
+    path.reverse()
+    return path
+
+  def _free_cached_below(self, node: _Node) -> list[int]:
+    """Frees the cached chunks under a node that is being freed (all its descendants are cached)."""
+    freed = []
+    for child in list(node.children):
+      if child.count == 0:
+        freed += self._free_cached_below(child)
+        del self._lru[id(child)]
+        self.pool.decref(child.slot)
+        freed.append(child.slot)
+        self._unlink(child)
+    return freed
+
+  def _unlink(self, node: _Node) -> None:
+    """Detaches a freed node from its parent (and from the match index)."""
+    parent = node.parent
+    parent.children.remove(node)
+    key = tuple(node.tokens)
+    if parent.full_children.get(key) is node:
+      del parent.full_children[key]
+      # A sibling that filled later with the same tokens becomes the one inserts match.
+      twin = next((ch for ch in parent.children if tuple(ch.tokens) == key), None)
+      if twin is not None:
+        parent.full_children[key] = twin
 
   def _append_one(self, seq: _Seq, token: int) -> tuple[int, int]:
     c = self.chunk_size
     offset = seq.length % c
     tail = seq.path[-1]
     if offset == 0:  # the last chunk is full (maybe shared): open a private one under it
-      (slot,) = self.pool.allocate(1)
+      (slot,) = self._allocate(1)
       tail.ending.remove(seq)
       node = _Node(slot, [token], tail, tail.depth + 1)
       node.count = 1

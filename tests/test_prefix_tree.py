@@ -175,7 +175,7 @@ def test_pool_exhausted_mid_insert_and_mid_append():
   t.check_invariants()
 
 
-@pytest.mark.parametrize("c", [0, 3, 6, 512, 2.0, True, -4])
+@pytest.mark.parametrize("c", [0, 1, 3, 6, 512, 2.0, True, -4])
 def test_chunk_size_must_be_power_of_two(c):
   with pytest.raises(ValueError, match="chunk_size must be a power of two"):
     PrefixTree(8, c)
@@ -187,3 +187,57 @@ def test_bad_min_new_tokens():
   with pytest.raises(ValueError, match="min_new_tokens"):
     t.insert([1, 2], min_new_tokens=3)
   assert t.snapshot() == before
+
+
+def test_prefix_cache_keeps_full_chunks_of_removed_sequences():
+  t = PrefixTree(ChunkPool(8), 4, keep_cached=True)
+  a = t.insert(list(range(10)))  # chunks [0..3], [4..7], partial [8, 9]
+  freed = t.remove(a.seq_id)
+  assert len(freed) == 1 and t.num_cached_chunks == 2 and len(t) == 0
+  assert build_plan(t).num_rows == 0 and t.seq_ids() == []
+  b = t.insert(list(range(8)) + [42])
+  assert b.num_cached == 8 and t.num_cached_chunks == 0  # revived, not recomputed
+  t.check_invariants()
+
+
+def test_cached_chunks_are_evicted_lru_leaves_first_only_when_needed():
+  t = PrefixTree(ChunkPool(6), 4, keep_cached=True)
+  old = t.insert([1] * 8)   # 2 chunks
+  new = t.insert([2] * 8)   # 2 chunks
+  old_path, new_path = t.chunk_path(old.seq_id), t.chunk_path(new.seq_id)
+  t.remove(old.seq_id)
+  t.remove(new.seq_id)
+  assert t.cached_slots() == old_path[::-1] + new_path[::-1]  # LRU first, leaves first
+  assert t.num_available_chunks == 6 and t.pool.num_free == 2
+  c = t.insert([3] * 4 + [4])  # needs 2 chunks: the free ones, no eviction
+  assert t.num_cached_chunks == 4
+  t.append(c.seq_id, [4, 4, 4, 5])  # needs 1 more: evicts the least recently used leaf
+  assert t.cached_slots() == [old_path[0]] + new_path[::-1]
+  assert t.match_length([1] * 8) == 4 and t.match_length([2] * 8) == 8
+  assert t.can_insert([2] * 8 + [9] * 4) and not t.can_insert([9] * 20)
+  before = t.snapshot()
+  with pytest.raises(PoolExhaustedError):
+    t.insert([9] * 20)  # 5 chunks > 0 free + 3 cached: nothing evicted
+  assert t.snapshot() == before
+  t.check_invariants()
+
+
+def test_revived_chunks_are_not_evicted_by_their_own_insert():
+  t = PrefixTree(ChunkPool(3), 4, keep_cached=True)
+  a = t.insert([1] * 8)
+  t.remove(a.seq_id)
+  assert not t.can_insert([1] * 8 + [2] * 8)  # 2 revived + 2 new > 3 slots
+  r = t.insert([1] * 8 + [2])  # 2 revived + 1 new == 3
+  assert r.num_cached == 8 and t.pool.num_free == 0
+  t.check_invariants()
+
+
+def test_removing_without_cache_frees_cached_chunks_below():
+  t = PrefixTree(ChunkPool(8), 4)
+  a = t.insert([1] * 4 + [2] * 4 + [3])
+  b = t.insert([1] * 4 + [5])
+  t.remove(a.seq_id, keep_cached=True)  # [2]*4 stays cached under the shared [1]*4
+  assert t.num_cached_chunks == 1
+  freed = t.remove(b.seq_id)  # [1]*4 is freed, so its cached child goes too
+  assert len(freed) == 3 and t.pool.num_free == 8 and t.num_cached_chunks == 0
+  t.check_invariants()

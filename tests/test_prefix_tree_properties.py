@@ -21,10 +21,35 @@ class Model:
     self.chunk_parent = {}   # model chunk id -> parent id or None
     self.seqs = {}           # seq id -> list of model chunk ids
     self.slot_of = {}        # model chunk id -> pool slot
+    self.cached = set()      # chunks kept by the prefix cache (no live sequence)
     self.next_id = 0
 
-  def live_chunks(self):
+  def seq_chunks(self):
     return {cid for path in self.seqs.values() for cid in path}
+
+  def live_chunks(self):
+    return self.seq_chunks() | self.cached
+
+  def remove(self, seq_id, keep):
+    path = self.seqs.pop(seq_id)
+    still_used = self.seq_chunks()
+    for cid in path:
+      if cid not in still_used:
+        if keep and len(self.chunk_tokens[cid]) == self.c:
+          self.cached.add(cid)
+        else:  # freeing a chunk frees the cached chunks under it
+          self.drop_cached_below(cid)
+
+  def drop_cached_below(self, cid):
+    for child in [x for x in self.cached if self.chunk_parent[x] == cid]:
+      self.drop_cached_below(child)
+      self.cached.discard(child)
+
+  def sync_evictions(self, tree_cached_slots):
+    """Drops the cached chunks the tree evicted; returns how many."""
+    evicted = {cid for cid in self.cached if self.slot_of[cid] not in tree_cached_slots}
+    self.cached -= evicted
+    return len(evicted)
 
   def candidates(self, parent, key):
     return {cid for cid in self.live_chunks()
@@ -46,6 +71,7 @@ class Model:
       cid = slot_to_id.get(tree_path[k])
       assert cid in self.candidates(parent, tokens[k * c:(k + 1) * c]), "bad chunk reused"
       path.append(cid)
+      self.cached.discard(cid)  # revived
       parent = cid
     if num_cached + c <= len(tokens):
       assert not self.candidates(parent, tokens[num_cached:num_cached + c]), "match stopped early"
@@ -118,18 +144,24 @@ vocab = st.integers(0, 2)
 @given(data=st.data(), c=st.sampled_from([2, 4]), capacity=st.integers(6, 40),
        seed=st.integers(0, 10))
 def test_random_operations_match_brute_force_model(data, c, capacity, seed):
-  tree = PrefixTree(ChunkPool(capacity, seed=seed), c)
+  tree = PrefixTree(ChunkPool(capacity, seed=seed), c, keep_cached=data.draw(st.booleans()))
   model = Model(c)
   prefixes = [data.draw(st.lists(vocab, min_size=0, max_size=3 * c)) for _ in range(3)]
   for _ in range(data.draw(st.integers(1, 25))):
     op = data.draw(st.sampled_from(["insert", "insert", "append", "append_many", "remove"]))
     live = tree.seq_ids()
     before = tree.snapshot()
+    cached_before = set(model.cached)
     try:
       if op == "insert" or not live:
         tokens = data.draw(st.sampled_from(prefixes)) + data.draw(
             st.lists(vocab, min_size=1, max_size=2 * c))
+        fits = tree.can_insert(tokens)
         r = tree.insert(tokens)
+        assert fits
+        revived = set(tree.chunk_path(r.seq_id)[:r.num_cached // c])
+        model.cached -= {cid for cid in model.cached if model.slot_of[cid] not in
+                         set(tree.cached_slots()) | revived}
         path = tree.chunk_path(r.seq_id)
         model.check_insert(tokens, r.seq_id, r.num_cached, path)
         assert r.slots.shape == (len(tokens) - r.num_cached, 2)
@@ -140,6 +172,7 @@ def test_random_operations_match_brute_force_model(data, c, capacity, seed):
         toks = data.draw(st.lists(vocab, min_size=1, max_size=2 * c))
         old_len = tree.length(sid)
         slots = tree.append(sid, toks)
+        model.sync_evictions(set(tree.cached_slots()))
         path = tree.chunk_path(sid)
         model.append(sid, toks, path)
         assert slots.tolist() == [[path[p // c], p % c] for p in range(old_len, old_len + len(toks))]
@@ -147,14 +180,21 @@ def test_random_operations_match_brute_force_model(data, c, capacity, seed):
         sids = data.draw(st.lists(st.sampled_from(live), min_size=1, unique=True))
         toks = data.draw(st.lists(vocab, min_size=len(sids), max_size=len(sids)))
         tree.append_tokens(sids, toks)
+        model.sync_evictions(set(tree.cached_slots()))
         for sid, tok in zip(sids, toks):
           model.append(sid, [tok], tree.chunk_path(sid))
       else:
         sid = data.draw(st.sampled_from(live))
-        tree.remove(sid)
-        del model.seqs[sid]
+        keep = data.draw(st.sampled_from([None, True, False]))
+        tree.remove(sid, keep_cached=keep)
+        model.remove(sid, tree.keep_cached if keep is None else keep)
     except PoolExhaustedError:
       assert tree.snapshot() == before
+      if op == "insert":
+        assert not fits
+    if model.cached < cached_before - model.seq_chunks() and op != "remove":
+      assert tree.pool.num_free == 0, "evicted a cached chunk while free slots remained"
+    assert {model.slot_of[cid] for cid in model.cached} == set(tree.cached_slots())
     tree.check_invariants()
     assert sorted(tree.seq_ids()) == sorted(model.seqs)
     live_chunks = model.live_chunks()
