@@ -124,6 +124,7 @@ class PrefixTree:
     # deepest first, so every node comes after all of its cached descendants: the front is always a
     # leaf.
     self._lru: collections.OrderedDict[int, _Node] = collections.OrderedDict()
+    self.num_evictions = 0  # cached chunks evicted so far
     self._root = _Node(-1, [], None, -1)
     self._seqs: dict[int, _Seq] = {}
     self._next_id = 0
@@ -206,6 +207,7 @@ class PrefixTree:
       self.pool.decref(node.slot)
       self._unlink(node)
       freed.append(node.slot)
+    self.num_evictions += n
     return freed
 
   # ---------------------------------------------------------------- mutations

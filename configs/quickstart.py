@@ -16,6 +16,10 @@ def get_config():
   config.dtype = "float32"
   config.impls = ("xla",)   # two-phase implementations to run besides the reference
   config.tolerance = 1e-4
-  config.summary_columns = ("plan", "impl", "batch", "n_p", "n_s", "shared_items",
-                            "max_abs_err", "us")
+  # Engine part (0 requests skips it): a tiny random Llama serving requests that share a prompt.
+  config.engine_requests = 4
+  config.engine_system_prompt = 48
+  config.engine_new_tokens = 8
+  config.summary_columns = ("part", "plan", "impl", "batch", "n_p", "n_s", "shared_items",
+                            "max_abs_err", "us", "cached_prompt_tokens", "tokens_match")
   return config

@@ -1,8 +1,11 @@
-"""Quickstart: a shared-system-prompt workload through tree -> plan -> decode attention.
+"""Quickstart: a shared-system-prompt workload through tree -> plan -> decode attention -> engine.
 
-Inserts `batch` requests that share an `n_s`-token system prompt into the prefix tree, fills the
-KV pool with random K/V, runs decode attention over the plan with each implementation, checks each
-against a dense attention over per-sequence K/V, and reports what prefix sharing saved.
+Part 1 inserts `batch` requests that share an `n_s`-token system prompt into the prefix tree, fills
+the KV pool with random K/V, runs decode attention over the plan with each implementation, checks
+each against a dense attention over per-sequence K/V, and reports what prefix sharing saved.
+Part 2 serves requests sharing a system prompt with the engine and a tiny random Llama: later
+requests find the prompt cached (their prefill skips it) and every request's tokens equal those of
+the same model with a plain dense per-request cache.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def run(config, progress):
     if not np.isfinite(err) or err > config.tolerance:
       raise AssertionError(f"{impl_name} on the {plan_name} plan differs from dense attention by "
                            f"{err} > {config.tolerance}")
-    rows.append(dict(plan=plan_name, impl=impl_name, batch=b, n_p=config.n_p, n_s=config.n_s,
+    rows.append(dict(part="attention", plan=plan_name, impl=impl_name, batch=b, n_p=config.n_p, n_s=config.n_s,
                      shared_items=plan.num_shared_items(), max_abs_err=err,
                      us=common.time_device(lambda: fn(q, k_pool, v_pool, plan), iters=5)))
   kv_bytes_per_chunk = 2 * config.h_kv * c * config.d * jnp.dtype(config.dtype).itemsize
@@ -92,4 +95,27 @@ def run(config, progress):
         f"{unshared_chunks * kv_bytes_per_chunk / 2**20:.2f} MiB per layer)")
   for r in rows:
     r["kv_chunks_used"], r["kv_chunks_unshared"] = used, unshared_chunks
+  if config.engine_requests:
+    rows += engine_part(config, progress)
   return rows
+
+
+def engine_part(config, progress):
+  from chunkattn_jax import engine  # noqa: PLC0415 (kept local: builds a model)
+  progress(1, 1, f"engine: {config.engine_requests} requests sharing a "
+                 f"{config.engine_system_prompt}-token system prompt (tiny random Llama)")
+  demo = engine.demo(num_requests=config.engine_requests,
+                     system_prompt_len=config.engine_system_prompt,
+                     max_new_tokens=config.engine_new_tokens, impl=config.impls[0])
+  print("\nengine (tiny random Llama, greedy):")
+  for r in demo:
+    print(f"  request {r['request']}: {r['prompt_len']} prompt tokens, "
+          f"{r['cached_prompt_tokens']} found cached (prefill skipped them); generated "
+          f"{r['tokens']}; same as a dense per-request cache: {r['match']}")
+  bad = [r["request"] for r in demo if not r["match"]]
+  if bad:
+    raise AssertionError(f"engine output differs from the dense-cache model for requests {bad}")
+  return [dict(part="engine", impl=config.impls[0], batch=len(demo), n_p=r["prompt_len"],
+               n_s=config.engine_system_prompt, request=r["request"],
+               cached_prompt_tokens=r["cached_prompt_tokens"], tokens_match=r["match"])
+          for r in demo]

@@ -32,9 +32,13 @@ def test_quickstart_shrunk(tmp_path, capsys):
   rows = run_experiment(config, str(tmp_path))
   results = read_results(tmp_path)
   assert results["config"]["batch"] == 3
-  assert {r["impl"] for r in rows} >= {"reference", "xla"}
-  assert all(r["max_abs_err"] <= config.tolerance for r in rows)
-  assert any(r["shared_items"] > 0 for r in rows)
+  attention = [r for r in rows if r["part"] == "attention"]
+  assert {r["impl"] for r in attention} >= {"reference", "xla"}
+  assert all(r["max_abs_err"] <= config.tolerance for r in attention)
+  assert any(r["shared_items"] > 0 for r in attention)
+  engine = [r for r in rows if r["part"] == "engine"]
+  assert len(engine) == config.engine_requests and all(r["tokens_match"] for r in engine)
+  assert [r["cached_prompt_tokens"] > 0 for r in engine] == [False] + [True] * (len(engine) - 1)
   out = capsys.readouterr().out
   assert "less KV memory" in out and out.rstrip().splitlines()[-1].strip()
 
@@ -72,3 +76,22 @@ def test_kernel_benchmarks_on_cpu(tmp_path, name):
   timed = [r for r in rows if r.get("us") or r.get("tokens_per_s")]
   assert timed and {r["impl"] for r in timed} >= {"xla_two_phase", "naive"}
   assert all(np.isfinite(r.get("max_abs_err", 0.0)) for r in timed)
+
+
+def test_serving_shrunk(tmp_path):
+  config = importlib.import_module("configs.serving").get_config()
+  config.batch, config.n_s, config.n_steps, config.warmup_steps = 4, 32, 2, 1
+  config.num_requests, config.rates, config.n_c = 3, (50.0,), 3
+  rows = run_experiment(config, str(tmp_path))
+  read_results(tmp_path)
+  assert {r["part"] for r in rows} == {"decode", "ttft", "poisson"}
+  assert all(r.get("tokens_match", True) for r in rows)
+
+
+def test_memory_shrunk(tmp_path):
+  config = importlib.import_module("configs.memory").get_config()
+  config.points, config.n_c = ((256, 0), (256, 256)), 16
+  rows = run_experiment(config, str(tmp_path))
+  read_results(tmp_path)
+  shared = [r for r in rows if r.get("point") == "256/256"]
+  assert shared and shared[0]["chunk_kv_gb"] < shared[0]["paged_kv_gb"]

@@ -1,0 +1,218 @@
+"""The serving engine vs the same model with a dense per-request KV cache and no sharing."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from chunkattn_jax import dense_baseline, engine, llama
+from chunkattn_jax.engine import Engine, EngineConfig
+from chunkattn_jax.sampling import SamplingParams
+
+V = 97
+LOGIT_ATOL = 2e-4  # fp32 model, logits of magnitude ~5
+
+
+@pytest.fixture(scope="module")
+def model():
+  return llama.Llama(llama.tiny(), impl="xla", rngs=nnx.Rngs(1))
+
+
+def _prompts(seed=0):
+  """Shared (same 21-token system prompt), partly shared (first 9 tokens), unrelated prompts."""
+  rng = np.random.default_rng(seed)
+  sys_p = rng.integers(0, V, 21).tolist()
+  return [sys_p + rng.integers(0, V, 3).tolist(),
+          sys_p + rng.integers(0, V, 6).tolist(),
+          sys_p[:9] + rng.integers(0, V, 9).tolist(),
+          rng.integers(0, V, 11).tolist(),
+          list(sys_p)]  # a prompt that is exactly the shared prefix
+
+
+def _dense(model, prompts, n):
+  return [dense_baseline.generate(model, p, n) for p in prompts]
+
+
+def _check(eng, rids, dense):
+  for rid, (toks, logits) in zip(rids, dense):
+    assert eng.result(rid) == toks
+    got = np.stack(eng.request_info(rid)["logits"])
+    np.testing.assert_allclose(got, np.stack(logits), atol=LOGIT_ATOL)
+  eng.tree.check_invariants()
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_greedy_matches_dense(model, impl):
+  m = model if impl == "xla" else llama.Llama(llama.tiny(), impl=impl, rngs=nnx.Rngs(1))
+  prompts = _prompts()
+  eng = Engine(m, EngineConfig(n_chunks=64, chunk_size=4, record_logits=True, pool_seed=3))
+  rids = [eng.submit(p, 9) for p in prompts]
+  list(eng.run())
+  _check(eng, rids, _dense(model, prompts, 9))
+  info = [eng.request_info(r) for r in rids]
+  assert info[0]["num_cached"] == 0 and info[1]["num_cached"] == 20 and info[2]["num_cached"] == 8
+  assert info[4]["num_cached"] == 20  # last token always recomputed for its logits
+  assert eng.stats["prefill_tokens_cached"] == 48
+
+
+def test_pallas_interpret_small(model):
+  """Pallas kernels (interpret mode) need d >= 64 and c >= 16: one layer, d = 64, c = 16."""
+  cfg = llama.tiny(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=64)
+  m = llama.Llama(cfg, impl="pallas_interpret", rngs=nnx.Rngs(2))
+  sys_p = list(range(10, 42))
+  prompts = [sys_p + [1, 2], sys_p + [3], [5, 6, 7]]
+  eng = Engine(m, EngineConfig(n_chunks=16, chunk_size=16, record_logits=True))
+  rids = [eng.submit(p, 3) for p in prompts]
+  list(eng.run())
+  _check(eng, rids, _dense(m, prompts, 3))
+
+
+def test_requests_arriving_mid_run_and_paged_plan(model):
+  prompts = _prompts(seed=1)
+  for threshold in (1, 1000):  # two-phase plan, then the paged plan (no shared compute)
+    eng = Engine(model, EngineConfig(n_chunks=64, chunk_size=4, record_logits=True,
+                                     threshold=threshold))
+    rids = [eng.submit(prompts[0], 12)]
+    for _ in range(3):
+      eng.step()
+    rids.append(eng.submit(prompts[1], 5))
+    eng.step()
+    rids += [eng.submit(p, 7) for p in prompts[2:]]
+    list(eng.run())
+    _check(eng, rids, [dense_baseline.generate(model, p, n)
+                       for p, n in zip(prompts, (12, 5, 7, 7, 7))])
+
+
+def test_pool_pressure_waits_and_preemption(model):
+  """A pool far too small for all requests at once: admission waits, decode preempts and
+  recomputes; every request still gets exactly the dense tokens."""
+  prompts = _prompts(seed=2)
+  eng = Engine(model, EngineConfig(n_chunks=14, chunk_size=4, record_logits=True, pool_seed=1))
+  rids = [eng.submit(p, 14) for p in prompts]
+  events = list(eng.run())
+  assert eng.stats["preemptions"] > 0 and eng.stats["admission_waits"] > 0
+  assert len(events) == 14 * len(prompts)
+  dense = _dense(model, prompts, 14)
+  for rid, (toks, logits) in zip(rids, dense):
+    assert eng.result(rid) == toks
+    assert eng.request_info(rid)["status"] == "finished"
+  assert any(eng.request_info(r)["num_preemptions"] for r in rids)
+  eng.tree.check_invariants()
+
+
+def test_prefix_cache_kept_after_finish_and_evicted_lru(model):
+  rng = np.random.default_rng(3)
+  sys_a = rng.integers(0, V, 16).tolist()
+  sys_b = rng.integers(0, V, 16).tolist()
+  eng = Engine(model, EngineConfig(n_chunks=12, chunk_size=4, record_logits=True))
+  r1 = eng.submit(sys_a + [1, 2], 3)
+  list(eng.run())
+  # r1's sequence ends at 18 prompt + 2 appended tokens = 5 full chunks, all kept cached.
+  assert eng.tree.pool.num_used == 5 == eng.tree.num_cached_chunks
+  r2 = eng.submit(sys_a + [5], 3)
+  list(eng.run())
+  assert eng.request_info(r2)["num_cached"] == 16
+  r3 = eng.submit(sys_b + [7, 7, 7], 2)  # needs 5 chunks: fits next to the cached prefix
+  list(eng.run())
+  # r2 revived and re-cached sys_a's 4 chunks; r3 added 5 cached chunks: 10 of 12 slots.
+  assert eng.stats["evictions"] == 0 and eng.tree.pool.num_used == 10
+  assert int(eng.plans.plan().num_rows) == 0  # cached chunks are never plan rows
+  r4 = eng.submit(rng.integers(0, V, 30).tolist(), 2)  # needs 8 chunks: evicts sys_a (LRU)
+  list(eng.run())
+  assert eng.stats["evictions"] >= 1
+  for rid, p, n in ((r1, sys_a + [1, 2], 3), (r2, sys_a + [5], 3), (r3, sys_b + [7, 7, 7], 2)):
+    assert eng.result(rid) == dense_baseline.generate(model, p, n)[0]
+  assert len(eng.result(r4)) == 2
+  eng.tree.check_invariants()
+
+
+def test_sampling_reproducible_and_batch_independent(model):
+  prompts = _prompts(seed=4)
+  sp = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=123)
+  alone = Engine(model, EngineConfig(n_chunks=64, chunk_size=4))
+  a = alone.generate([prompts[1]], 10, sampling=sp)[0]
+  crowd = Engine(model, EngineConfig(n_chunks=64, chunk_size=4))
+  rids = [crowd.submit(p, 10, sampling=SamplingParams(temperature=1.0, seed=i))
+          for i, p in enumerate(prompts)]
+  rid = crowd.submit(prompts[1], 10, sampling=sp)
+  list(crowd.run())
+  assert crowd.result(rid) == a
+  greedy = dense_baseline.generate(model, prompts[1], 10)[0]
+  assert a != greedy  # sampling does sample
+  top1 = alone.generate([prompts[1]], 10, sampling=SamplingParams(temperature=2.0, top_k=1))[0]
+  assert top1 == greedy
+  assert len({tuple(crowd.result(r)) for r in rids}) == len(rids)
+
+
+def test_stop_ids_streaming_and_callbacks(model):
+  prompts = _prompts(seed=5)
+  full = dense_baseline.generate(model, prompts[0], 8)[0]
+  eng = Engine(model, EngineConfig(n_chunks=64, chunk_size=4))
+  seen = []
+  stop = full[3]
+  rid = eng.submit(prompts[0], 8, stop_ids=[stop], callback=seen.append)
+  other = list(eng.stream(prompts[1], 4))
+  list(eng.run())
+  first_stop = full.index(stop)
+  assert eng.result(rid) == full[: first_stop + 1]
+  assert [e.token for e in seen] == eng.result(rid)
+  assert seen[-1].finish_reason == "stop" and all(e.finish_reason is None for e in seen[:-1])
+  assert other == dense_baseline.generate(model, prompts[1], 4)[0]
+
+
+def test_context_limit(model):
+  small = llama.Llama(llama.tiny(max_position_embeddings=20), rngs=nnx.Rngs(1))
+  eng = Engine(small, EngineConfig(n_chunks=16, chunk_size=4))
+  rid = eng.submit(list(range(15)), 50)
+  list(eng.run())
+  assert len(eng.result(rid)) == 5 and eng.request_info(rid)["finish_reason"] == "context"
+
+
+def test_bad_requests_leave_running_requests_undisturbed(model):
+  prompts = _prompts(seed=6)
+  eng = Engine(model, EngineConfig(n_chunks=32, chunk_size=4, max_batch=4))
+  rids = [eng.submit(p, 6) for p in prompts[:2]]
+  eng.step()
+  bad = [
+      (dict(prompt=[]), ValueError, "prompt is empty"),
+      (dict(prompt=[1, V]), ValueError, f"token id {V} outside"),
+      (dict(prompt=[1, -3]), ValueError, "token id -3 outside"),
+      (dict(prompt="hello"), ValueError, "hello"),
+      (dict(prompt=[1.5, 2]), ValueError, "integer"),
+      (dict(prompt=[1], max_new_tokens=0), ValueError, "max_new_tokens.*0"),
+      (dict(prompt=[1], max_new_tokens=-2), ValueError, "-2"),
+      (dict(prompt=list(range(90)) * 6), ValueError, "540 tokens, longer than the model's context 512"),
+      (dict(prompt=[1] * 100, max_new_tokens=100), ValueError, "chunks"),
+      (dict(prompt=[1], stop_ids=[V + 1]), ValueError, f"stop_ids has token id {V + 1}"),
+      (dict(prompt=[1], sampling=SamplingParams), ValueError, "SamplingParams"),
+  ]
+  for kw, err, msg in bad:
+    kw = {"max_new_tokens": 4, **kw}
+    with pytest.raises(err, match=msg):
+      eng.submit(kw.pop("prompt"), **kw)
+  with pytest.raises(ValueError, match="temperature"):
+    SamplingParams(temperature=-1.0)
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(top_p=0.0)
+  for call in (eng.result, eng.cancel, eng.request_info):
+    with pytest.raises(KeyError, match="unknown request id 999"):
+      call(999)
+  list(eng.run())
+  for rid, p in zip(rids, prompts):
+    assert eng.result(rid) == dense_baseline.generate(model, p, 6)[0]
+
+
+def test_cancel(model):
+  eng = Engine(model, EngineConfig(n_chunks=32, chunk_size=4, cache_prefixes=False))
+  a = eng.submit(list(range(9)), 20)
+  b = eng.submit(list(range(5, 14)), 20)
+  eng.step()
+  eng.cancel(a)
+  eng.cancel(b)
+  assert not eng.has_work() and eng.tree.pool.num_used == 0
+  assert eng.request_info(a)["finish_reason"] == "cancelled"
+
+
+def test_demo_helper():
+  rows = engine.demo(num_requests=3, max_new_tokens=4)
+  assert all(r["match"] for r in rows)
+  assert [r["cached_prompt_tokens"] for r in rows] == [0, 48, 48]
