@@ -76,3 +76,23 @@ class Progress:
   def __call__(self, i: int, n: int, msg: str = "") -> None:
     elapsed = time.perf_counter() - self.t0
     print(f"[{i}/{n}] {msg} ({elapsed:.1f}s)", file=self.stream, flush=True)
+
+
+def subplots(**kwargs):
+  """matplotlib's `plt.subplots` on the file-only Agg backend (no display needed)."""
+  import matplotlib  # noqa: PLC0415 (plots are optional; keep matplotlib off the import path)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  return plt.subplots(**kwargs)
+
+
+def save_figure(fig, workdir: str, name: str, dpi: int = 120) -> str:
+  """Saves `fig` as `<workdir>/<name>` (tight layout), closes it and returns the path."""
+  import os  # noqa: PLC0415
+
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig.tight_layout()
+  path = os.path.join(workdir, name)
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import table3
+from experiments import common, table3
 
 
 def sample_steps(n_c: int, samples: int) -> list[int]:
@@ -62,14 +62,9 @@ def run(config, progress):
 
 
 def plot(rows, workdir, x="n_c", group="n_s", title="decode throughput vs n_c") -> list[str]:
-  import os  # noqa: PLC0415
-
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
   paths = []
   for gval in sorted({r[group] for r in rows}):
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = common.subplots(figsize=(6, 4))
     sub = [r for r in rows if r[group] == gval]
     for impl in dict.fromkeys(r["impl"] for r in sub):
       pts = [(r[x], r["tokens_per_s"]) for r in sub if r["impl"] == impl and r["tokens_per_s"]]
@@ -81,8 +76,5 @@ def plot(rows, workdir, x="n_c", group="n_s", title="decode throughput vs n_c") 
     ax.set_ylabel("tokens / s (attention only)")
     ax.set_title(f"{title}, {group}={gval}")
     ax.legend()
-    path = os.path.join(workdir, f"{x}_{group}{gval}.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(path)
+    paths.append(common.save_figure(fig, workdir, f"{x}_{group}{gval}.png", dpi=100))
   return paths

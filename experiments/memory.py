@@ -16,6 +16,7 @@ import numpy as np
 from chunkattn_jax import llama
 from chunkattn_jax.chunk_pool import ChunkPool
 from chunkattn_jax.prefix_tree import PrefixTree
+from experiments import common
 
 
 def kv_bytes_per_token(cfg: llama.LlamaConfig, dtype: str) -> int:
@@ -83,15 +84,11 @@ def run(config, progress) -> list[dict]:
 
 
 def plot(rows, workdir) -> list[str]:
-  import os  # pylint: disable=import-outside-toplevel
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   pts = [r for r in rows if "chunk_kv_gb" in r]
   if not pts:
     return []
   x = np.arange(len(pts))
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = common.subplots(figsize=(6, 3.5))
   for j, (key, label) in enumerate((("dense_kv_gb", "dense"), ("paged_kv_gb", "paged"),
                                     ("chunk_kv_gb", "chunk (prefix tree)"))):
     ax.bar(x + (j - 1) * 0.27, [r[key] for r in pts], 0.27, label=label)
@@ -99,8 +96,4 @@ def plot(rows, workdir) -> list[str]:
   ax.set_xlabel("n_p / n_s")
   ax.set_ylabel("peak KV memory (GB)")
   ax.legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, "memory.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return [path]
+  return [common.save_figure(fig, workdir, "memory.png")]

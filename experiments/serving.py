@@ -26,6 +26,7 @@ from flax import nnx
 
 from chunkattn_jax import dense_baseline, llama
 from chunkattn_jax.engine import Engine, EngineConfig
+from experiments import common
 
 PAGED_THRESHOLD = 1 << 30
 
@@ -181,14 +182,10 @@ def run(config, progress) -> list[dict]:
 
 
 def plot(rows, workdir) -> list[str]:
-  import os  # pylint: disable=import-outside-toplevel
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   pts = [r for r in rows if r["part"] == "poisson"]
   if not pts:
     return []
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = common.subplots(figsize=(5, 3.5))
   for name in ("chunk", "paged"):
     rr = sorted((r for r in pts if r["variant"] == name), key=lambda r: r["rate"])
     ax.plot([r["rate"] for r in rr], [r["norm_latency_ms_per_token"] for r in rr], "o-",
@@ -196,8 +193,4 @@ def plot(rows, workdir) -> list[str]:
   ax.set_xlabel("request rate (requests/s)")
   ax.set_ylabel("normalised latency (ms/token)")
   ax.legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, "serving_latency.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return [path]
+  return [common.save_figure(fig, workdir, "serving_latency.png")]

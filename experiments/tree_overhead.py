@@ -64,15 +64,9 @@ def run(config, progress):
 
 
 def plot(rows, workdir):
-  import os
-
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   ops = list(dict.fromkeys(r["op"].split(" (")[0] for r in rows))
   batches = sorted({r["batch"] for r in rows})
-  fig, ax = plt.subplots(figsize=(7, 3.5))
+  fig, ax = common.subplots(figsize=(7, 3.5))
   width = 0.8 / len(batches)
   for j, b in enumerate(batches):
     vals = [next(r["us"] for r in rows if r["batch"] == b and r["op"].startswith(op)) for op in ops]
@@ -82,8 +76,4 @@ def plot(rows, workdir):
   ax.set_ylabel("host time (us)")
   ax.set_title("Prefix-tree host overhead")
   ax.legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, "tree_overhead.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return [path]
+  return [common.save_figure(fig, workdir, "tree_overhead.png")]
