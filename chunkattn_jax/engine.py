@@ -58,6 +58,8 @@ class EngineConfig:
     max_batch: most running requests (rows decoded per step).
     threshold: plan sharing threshold (a chunk used by more rows goes through the chunk-first
       pass); a huge value gives the paged baseline (no shared compute, memory still shared).
+    policy: optional per-run sharing decision `policy(num_rows, num_chunks) -> bool` replacing
+      the threshold, e.g. `sharing_policy.CostModelPolicy.for_shapes(...)` on a GPU.
     max_chunks_per_item: `G` of the plan.
     min_row_capacity: smallest plan row capacity `R`.
     cache_prefixes: keep finished requests' full chunks cached (evicted LRU when space is needed).
@@ -74,6 +76,7 @@ class EngineConfig:
   chunk_size: int = 16
   max_batch: int = 32
   threshold: int = 1
+  policy: Callable[[int, int], bool] | None = None
   max_chunks_per_item: int = 16
   min_row_capacity: int = 8
   cache_prefixes: bool = True
@@ -140,7 +143,7 @@ class Engine:
     self.vocab_size = model.config.vocab_size
     self.max_context = model.config.max_position_embeddings
     self.tree = PrefixTree(ChunkPool(config.n_chunks, seed=config.pool_seed), config.chunk_size)
-    self.plans = PlanBuilder(self.tree, threshold=config.threshold,
+    self.plans = PlanBuilder(self.tree, threshold=config.threshold, policy=config.policy,
                              max_chunks_per_item=config.max_chunks_per_item,
                              min_row_capacity=config.min_row_capacity)
     if pool_sharding is None and getattr(model, "mesh", None) is not None:

@@ -26,6 +26,7 @@ from flax import nnx
 
 from chunkattn_jax import dense_baseline, llama
 from chunkattn_jax.engine import Engine, EngineConfig
+from chunkattn_jax.sharing_policy import CostModelPolicy
 from experiments import common
 
 PAGED_THRESHOLD = 1 << 30
@@ -38,9 +39,15 @@ def _model(config):
 
 
 def _engine(model, config, threshold, caps=()):
+  policy = None
+  if config.get("sharing_policy", "threshold") == "cost_model" and threshold < PAGED_THRESHOLD:
+    mc = model.config
+    policy = CostModelPolicy.for_shapes(
+        num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.d_head,
+        chunk_size=config.chunk_size, dtype_bytes=jnp.dtype(config.dtype).itemsize)
   return Engine(model, EngineConfig(
       n_chunks=config.n_chunks, chunk_size=config.chunk_size, max_batch=config.max_batch,
-      threshold=threshold, cache_prefixes=True, min_plan_capacities=caps))
+      threshold=threshold, policy=policy, cache_prefixes=True, min_plan_capacities=caps))
 
 
 def _prompts(config, n, rng, system):

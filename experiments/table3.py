@@ -44,6 +44,8 @@ def effective(config):
   """The config with `config.cpu` overrides applied when not on a GPU (and shrink_on_cpu)."""
   cfg = config.copy_and_resolve_references()
   if not on_gpu() and cfg.get("shrink_on_cpu", True) and "cpu" in cfg:
+    print(f"not on a GPU: applying the config's `cpu` sizes ({', '.join(cfg.cpu.keys())}); "
+          "pass --config.shrink_on_cpu=False to run the sizes as given", flush=True)
     with cfg.unlocked():
       for k, v in cfg.cpu.items():
         cfg[k] = v

@@ -54,6 +54,21 @@ def test_greedy_matches_dense(model, impl):
   assert eng.stats["prefill_tokens_cached"] == 48
 
 
+def test_sharing_policy_plan_matches_dense(model):
+  """A per-run policy instead of the threshold: long runs chunk-first, short ones sequence-first."""
+  calls = []
+
+  def policy(num_rows, num_chunks):
+    calls.append((num_rows, num_chunks))
+    return num_chunks >= 3
+  prompts = _prompts()
+  eng = Engine(model, EngineConfig(n_chunks=64, chunk_size=4, record_logits=True, policy=policy))
+  rids = [eng.submit(p, 6) for p in prompts]
+  list(eng.run())
+  _check(eng, rids, _dense(model, prompts, 6))
+  assert any(n >= 3 for _, n in calls) and any(n < 3 for _, n in calls)
+
+
 def test_pallas_interpret_small(model):
   """Pallas kernels (interpret mode) need d >= 64 and c >= 16: one layer, d = 64, c = 16."""
   cfg = llama.tiny(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=64)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One prepared GPU run (on a lent H100/H200, from the repo root, carry .whl): installs nothing from
+# the network, checks correctness first, then times the paper's benchmarks, and writes everything
+# under $OUT (results.tar.gz with every run's results.json/csv/plots, and summary.txt).
+#   device run:  bash scripts/device_check.sh           (carry: .whl; made by scripts/device_wheels.sh)
+# Each step has its own time limit so one slow step cannot eat the whole lease; the summary lists
+# what ran, what timed out and what failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT" runs
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+summary=$OUT/summary.txt
+: > "$summary"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$summary"
+python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' | tee -a "$summary"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "runs/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$summary"
+  tail -n 40 "runs/$name.log" >> "$summary"
+}
+
+# 1. Correctness on the GPU: the real (compiled) Pallas kernels against dense attention.
+step gpu_tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+# 2. Kernel benchmarks (outputs checked against the reference before timing).
+step table3 180 python3 -m experiments.run --config configs/table3.py --workdir runs/table3
+step fig3 90 python3 -m experiments.run --config configs/fig3.py --workdir runs/fig3 \
+  --config.n_s_values='(2048, 4096)' --config.n_c_values='(512, 2048)'
+step fig4 60 python3 -m experiments.run --config configs/fig4.py --workdir runs/fig4
+# 3. End to end (7B shape, random bf16 weights), if time is left in the lease.
+step serving 150 python3 -m experiments.run --config configs/serving.py:gpu --workdir runs/serving \
+  --config.parts='("decode", "ttft")'
+
+tar czf "$OUT/results.tar.gz" runs
+cat "$summary"
