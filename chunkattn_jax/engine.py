@@ -8,7 +8,9 @@
 Each `step()`:
 1. admits waiting requests (FIFO) while the batch has room and the pool can hold them: the prompt
    is inserted into the prefix tree and only its unmatched suffix is prefilled (the matched full
-   chunks' K/V is read from the pool); the first token is sampled from the prefill logits;
+   chunks' K/V is read from the pool), up to `max_prefill_batch` requests per model call (a request
+   whose matched chunks the current batch has yet to compute waits for the next call); the first
+   token is sampled from the prefill logits;
 2. decodes one token for every running request: the pending tokens are appended to the tree, the
    decode plan is refreshed (rebuilt only when the tree's structure changed), and one jitted step
    runs the model over the plan's rows (padded to the plan's row capacity, so the step recompiles
@@ -56,6 +58,7 @@ class EngineConfig:
     n_chunks: chunk slots in the KV pool.
     chunk_size: tokens per chunk `c` (a power of two).
     max_batch: most running requests (rows decoded per step).
+    max_prefill_batch: most requests prefilled in one model call.
     threshold: plan sharing threshold (a chunk used by more rows goes through the chunk-first
       pass); a huge value gives the paged baseline (no shared compute, memory still shared).
     policy: optional per-run sharing decision `policy(num_rows, num_chunks) -> bool` replacing
@@ -75,6 +78,7 @@ class EngineConfig:
   n_chunks: int = 1024
   chunk_size: int = 16
   max_batch: int = 32
+  max_prefill_batch: int = 8
   threshold: int = 1
   policy: Callable[[int, int], bool] | None = None
   max_chunks_per_item: int = 16
@@ -325,20 +329,35 @@ class Engine:
 
   # ------------------------------------------------------------------ admission and prefill
   def _admit(self, events: list[TokenEvent]) -> None:
+    """Admits waiting requests (FIFO) and prefills them, several per model call.
+
+    A request whose matched prefix includes chunks that an earlier request of the same batch has
+    yet to compute starts a new batch, so every prefill reads only K/V already written.
+    """
+    batch: list[tuple[_Request, list[int], object]] = []
+    pending: set[int] = set()  # slots the current batch will write
+    c = self.config.chunk_size
     while self._waiting and len(self._running) < self.config.max_batch:
       req = self._waiting[0]
       context = req.prompt + req.output
       res = self._insert_with_eviction(context)
       if res is None:
         self.stats["admission_waits"] += 1
-        return  # strict FIFO: wait for running requests to free chunks
+        break  # strict FIFO: wait for running requests to free chunks
       self._waiting.popleft()
       req.seq_id, req.status = res.seq_id, "running"
       req.admitted_at = next(self._admissions)
       req.num_cached_at_admission = res.num_cached
       self._running[req.rid] = req
       self._by_seq[res.seq_id] = req
-      self._prefill(req, context, res, events)
+      matched = self.tree.chunk_path(res.seq_id)[: res.num_cached // c]
+      if batch and (len(batch) == self.config.max_prefill_batch or pending.intersection(matched)):
+        self._prefill(batch, events)
+        batch, pending = [], set()
+      batch.append((req, context, res))
+      pending.update(int(x) for x in res.slots[:, 0])
+    if batch:
+      self._prefill(batch, events)
 
   def _insert_with_eviction(self, tokens):
     """Inserts (the tree evicts cached prefixes if it must); None when even that cannot fit."""
@@ -350,30 +369,43 @@ class Engine:
     finally:
       self.stats["evictions"] += self.tree.num_evictions - evicted
 
-  def _prefill(self, req: _Request, context: list[int], res, events) -> None:
+  def _prefill(self, batch: list[tuple[_Request, list[int], object]], events) -> None:
+    """One model call computing the unmatched suffix of every (request, context, insert result);
+    samples each request's next token. Sequences are padded to powers of two (sequences and
+    tokens) so few shapes compile; padding sequences repeat the first one with writes dropped."""
     drop = self.pool.drop_slot
-    n = len(context)
-    start = res.num_cached  # tokens [start, n) are computed and written
-    t = n - start
-    t_cap = bucket(t, self.config.min_prefill_tokens)
-    tokens = np.zeros((1, t_cap), np.int32)
-    tokens[0, :t] = context[start:]
-    positions = np.zeros((1, t_cap), np.int32)
-    positions[0, :t] = np.arange(start, n)
-    slots = kv_pool_lib.pad_slots(res.slots, t_cap, drop)[None]
-    path = self.tree.chunk_path(req.seq_id)
-    self._path_cap = max(bucket(len(path), 4), self._path_cap)
-    paths = np.zeros((1, self._path_cap), np.int32)
-    paths[0, : len(path)] = path
-    inputs = layers.PrefillInputs(positions=positions, slots=slots, chunk_paths=paths)
-    samp = self._sampling_arrays([req], 1)
-    tok, logits, self.pool = self._prefill_fn(self._state, self.pool, tokens, inputs,
-                                              np.asarray([t - 1], np.int32), *samp)
+    s_cap = bucket(len(batch))
+    t_cap = bucket(max(len(ctx) - res.num_cached for _, ctx, res in batch),
+                   self.config.min_prefill_tokens)
+    paths = [self.tree.chunk_path(req.seq_id) for req, _, _ in batch]
+    self._path_cap = max(bucket(max(len(p) for p in paths), 4), self._path_cap)
+    tokens = np.zeros((s_cap, t_cap), np.int32)
+    positions = np.zeros((s_cap, t_cap), np.int32)
+    slots = np.zeros((s_cap, t_cap, 2), np.int32)
+    slots[..., 0] = drop
+    chunk_paths = np.zeros((s_cap, self._path_cap), np.int32)
+    last = np.zeros(s_cap, np.int32)
+    for i in range(s_cap):
+      src = i if i < len(batch) else 0
+      _, context, res = batch[src]
+      start, n = res.num_cached, len(context)  # tokens [start, n) are computed
+      tokens[i, : n - start] = context[start:]
+      positions[i, : n - start] = np.arange(start, n)
+      if i == src:  # padding sequences keep the dropped slots
+        slots[i] = kv_pool_lib.pad_slots(res.slots, t_cap, drop)
+      chunk_paths[i, : len(paths[src])] = paths[src]
+      last[i] = n - start - 1
+    inputs = layers.PrefillInputs(positions=positions, slots=slots, chunk_paths=chunk_paths)
+    reqs = [req for req, _, _ in batch]
+    samp = self._sampling_arrays(reqs + [None] * (s_cap - len(batch)), s_cap)
+    tok, logits, self.pool = self._prefill_fn(self._state, self.pool, tokens, inputs, last, *samp)
+    tok = np.asarray(tok)
+    logits = np.asarray(logits) if self.config.record_logits else None
     self.stats["prefill_calls"] += 1
-    self.stats["prefill_tokens"] += t
-    self.stats["prefill_tokens_cached"] += start
-    self._emit(req, int(np.asarray(tok)[0]), logits[0] if self.config.record_logits else None,
-               events)
+    for i, (req, context, res) in enumerate(batch):
+      self.stats["prefill_tokens"] += len(context) - res.num_cached
+      self.stats["prefill_tokens_cached"] += res.num_cached
+      self._emit(req, int(tok[i]), None if logits is None else logits[i], events)
 
   # ------------------------------------------------------------------ decode
   def _decode(self, events: list[TokenEvent]) -> None:

@@ -54,6 +54,28 @@ def test_greedy_matches_dense(model, impl):
   assert eng.stats["prefill_tokens_cached"] == 48
 
 
+def test_batched_prefill_waits_for_pending_shared_chunks(model):
+  """Requests admitted together are prefilled in one call, except that a request whose matched
+  prefix is still being computed by the current batch starts the next one."""
+  rng = np.random.default_rng(7)
+  sys_p = rng.integers(0, V, 12).tolist()
+  prompts = [rng.integers(0, V, 5).tolist(), sys_p + [1, 2], rng.integers(0, V, 9).tolist(),
+             sys_p + [3], rng.integers(0, V, 3).tolist()]
+  eng = Engine(model, EngineConfig(n_chunks=64, chunk_size=4, record_logits=True))
+  rids = [eng.submit(p, 4) for p in prompts]
+  eng.step()
+  # batch 1: prompts 0, 1, 2; prompt 3 reuses prompt 1's chunks -> batch 2: prompts 3, 4.
+  assert eng.stats["prefill_calls"] == 2
+  assert eng.request_info(rids[3])["num_cached"] == 12
+  list(eng.run())
+  _check(eng, rids, _dense(model, prompts, 4))
+  small = Engine(model, EngineConfig(n_chunks=64, chunk_size=4, max_prefill_batch=1))
+  for p in prompts:
+    small.submit(p, 1)
+  small.step()
+  assert small.stats["prefill_calls"] == len(prompts)
+
+
 def test_sharing_policy_plan_matches_dense(model):
   """A per-run policy instead of the threshold: long runs chunk-first, short ones sequence-first."""
   calls = []
