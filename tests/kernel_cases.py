@@ -10,6 +10,7 @@ import numpy as np
 from chunkattn_jax.chunk_pool import ChunkPool
 from chunkattn_jax.plan import PlanBuilder
 from chunkattn_jax.prefix_tree import PrefixTree
+from dense_oracle import dense_attention, sequence_kv
 from pallas_kernels import empty_partials
 
 # Absolute tolerances on outputs (|out| <~ 1: softmax averages of unit normals), per input dtype,
@@ -78,34 +79,18 @@ def make_case(rng, *, c=16, g=1, d=64, dtype=jnp.float32, seed=0, plan_kwargs_=N
   return Case(tree, plan, q, k_pool, v_pool, g)
 
 
-def dense_one(q, k, v, scale):
-  """q [h, d], k/v [n, h_kv, d] -> [h, d]; fp64 softmax, written for the tests only."""
-  h, d = q.shape
-  g = h // k.shape[1]
-  out = np.empty((h, d))
-  for head in range(h):
-    s = k[:, head // g] @ q[head] * scale
-    w = np.exp(s - s.max())
-    out[head] = w @ v[:, head // g] / w.sum()
-  return out
-
-
 def dense_rows(case, sm_scale=None):
   """Per-row dense attention over each live sequence's tokens read chunk by chunk from the pool
   (tree.chunk_path / tree.length, not the plan). Returns ([b, h, d] fp64, b)."""
-  q = np.asarray(case.q.astype(jnp.float32), np.float64)
-  kp = np.asarray(case.k_pool.astype(jnp.float32), np.float64)
-  vp = np.asarray(case.v_pool.astype(jnp.float32), np.float64)
-  d = q.shape[-1]
-  scale = d ** -0.5 if sm_scale is None else sm_scale
+  q = np.asarray(case.q.astype(jnp.float32))
+  kp = np.asarray(case.k_pool.astype(jnp.float32))
+  vp = np.asarray(case.v_pool.astype(jnp.float32))
   b = int(case.plan.num_rows)
   out = []
   for r in range(b):
     seq = int(case.plan.row_seq_ids[r])
-    path, n = case.tree.chunk_path(seq), case.tree.length(seq)
-    k = np.concatenate([kp[s].transpose(1, 0, 2) for s in path])[:n]
-    v = np.concatenate([vp[s].transpose(1, 0, 2) for s in path])[:n]
-    out.append(dense_one(q[r], k, v, scale))
+    k, v = sequence_kv(kp, vp, case.tree.chunk_path(seq), case.tree.length(seq))
+    out.append(dense_attention(q[r], k, v, sm_scale))
   return np.stack(out), b
 
 

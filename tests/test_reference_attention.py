@@ -8,7 +8,7 @@ from chunkattn_jax.chunk_pool import ChunkPool
 from chunkattn_jax.plan import build_plan
 from chunkattn_jax.prefix_tree import PrefixTree
 from chunkattn_jax.reference_attention import reference_decode_attention
-from conftest import dense_attention_fp32, sequence_kv
+from dense_oracle import dense_attention, sequence_kv
 
 
 def random_multilevel_tree(rng, c, capacity=512, seed=0):
@@ -37,8 +37,8 @@ def test_reference_matches_dense(rng, c, h, h_kv, threshold):
   out = np.asarray(reference_decode_attention(jnp.asarray(q), k_pool, v_pool, plan))
   assert not np.isnan(out).any()
   for r, sid in enumerate(tree.seq_ids()):
-    k, v = sequence_kv(k_pool, v_pool, tree.chunk_path(sid), tree.length(sid), c)
-    np.testing.assert_allclose(out[r], dense_attention_fp32(q[r], k, v), rtol=2e-5, atol=2e-5)
+    k, v = sequence_kv(k_pool, v_pool, tree.chunk_path(sid), tree.length(sid))
+    np.testing.assert_allclose(out[r], dense_attention(q[r], k, v), rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(out[len(tree):], 0.0)
 
 
@@ -57,8 +57,8 @@ def test_reference_follows_length_delta(rng):
   q = rng.standard_normal((plan.row_capacity, 2, 8)).astype(np.float32)
   out = np.asarray(reference_decode_attention(jnp.asarray(q), k_pool, v_pool, plan))
   for r, sid in enumerate(tree.seq_ids()):
-    k, v = sequence_kv(k_pool, v_pool, tree.chunk_path(sid), tree.length(sid), c)
-    np.testing.assert_allclose(out[r], dense_attention_fp32(q[r], k, v), rtol=2e-5, atol=2e-5)
+    k, v = sequence_kv(k_pool, v_pool, tree.chunk_path(sid), tree.length(sid))
+    np.testing.assert_allclose(out[r], dense_attention(q[r], k, v), rtol=2e-5, atol=2e-5)
 
 
 def test_reference_rejects_bad_shapes(rng):
