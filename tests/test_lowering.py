@@ -64,6 +64,18 @@ def test_mqa_and_block_m_variants_lower(g, block_m):
   assert text.count("__gpu$xla.gpu.triton") == 2
 
 
+def test_large_batch_lowers():
+  """b = 512 rows (beyond the paper's fixed batch list), items of up to 512 rows."""
+  r, q_cap = 512, 1024
+  spec = dict(plan_specs(), row_private_chunks=S((r, P), I32), row_private_len=S((r,), I32),
+              row_items=S((r, K), I32), row_num_items=S((r,), I32))
+  f = functools.partial(two_phase_decode, partial_capacity=q_cap, item_rows_capacity=r,
+                        impl="pallas")
+  text = lower_for_cuda(f, S((r, 32, 128), jnp.float16), S((N_CHUNKS, 8, 64, 128), jnp.float16),
+                        S((N_CHUNKS, 8, 64, 128), jnp.float16), **spec)
+  assert text.count("__gpu$xla.gpu.triton") == 2
+
+
 def test_check_catches_a_non_power_of_two_block():
   """The same recipe rejects a kernel with a 24-row block (the public API refuses it earlier)."""
   cf = importlib.import_module("pallas_kernels.chunk_first")

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from chunkattn_jax.attention import decode_attention, plan_kwargs
+from chunkattn_jax.chunk_pool import ChunkPool
+from chunkattn_jax.plan import build_plan
+from chunkattn_jax.prefix_tree import PrefixTree
 from chunkattn_jax.sharing_policy import CostModelPolicy
+from dense_oracle import dense_attention, sequence_kv
 from kernel_cases import (TOL, check_against_dense, dense_rows, make_case, poisoned_partials)
 from pallas_kernels import two_phase_decode, validate_plan_arrays
 
@@ -119,3 +123,25 @@ def test_trace_time_validation(rng):
     two_phase_decode(q, k, v, **dict(plan_kwargs(p), row_items=p.row_items.astype(np.float32)))
   with pytest.raises(ValueError, match="v_pool"):
     decode_attention(q, k, v[:-1], p)
+
+
+def test_large_batch_multilevel(rng):
+  """300 rows (beyond every power of two below 512): 3 system prompts x 2 few-shot blocks."""
+  c, h, h_kv, d = 16, 8, 2, 32
+  tree = PrefixTree(ChunkPool(4096, seed=11), c)
+  systems = [rng.integers(0, 1000, 3 * c).tolist() for _ in range(3)]
+  shots = [rng.integers(0, 1000, c + 5).tolist() for _ in range(2)]
+  for i in range(300):
+    tree.insert(systems[i % 3] + shots[i % 2] + rng.integers(0, 1000, 1 + i % 40).tolist())
+  plan = build_plan(tree)
+  assert plan.row_capacity == 512 and plan.num_shared_items() >= 6
+  q = jnp.asarray(rng.normal(size=(512, h, d)), jnp.float32)
+  k_pool = jnp.asarray(rng.normal(size=(4096, h_kv, c, d)), jnp.float32)
+  v_pool = jnp.asarray(rng.normal(size=(4096, h_kv, c, d)), jnp.float32)
+  out = np.asarray(decode_attention(q, k_pool, v_pool, plan, impl="xla"))
+  assert not np.isnan(out).any() and (out[300:] == 0).all()
+  kp, vp = np.asarray(k_pool), np.asarray(v_pool)
+  for r in range(0, 300, 23):
+    sid = int(plan.row_seq_ids[r])
+    k, v = sequence_kv(kp, vp, tree.chunk_path(sid), tree.length(sid))
+    np.testing.assert_allclose(out[r], dense_attention(np.asarray(q[r]), k, v), atol=2e-5, rtol=0)
