@@ -443,13 +443,12 @@ class Engine:
     """Pads the plan's capacities up to their high-water marks (never shrinking), so the jitted
     step recompiles only when a capacity exceeds every earlier one. Spare entries are inert."""
     caps = (plan.row_capacity, plan.row_private_chunks.shape[1], plan.row_items.shape[1],
-            plan.item_capacity, plan.partial_capacity, getattr(plan, "item_rows_capacity", 1))
+            plan.item_capacity, plan.partial_capacity, plan.item_rows_capacity)
     prev = tuple(self._plan_caps) + (0,) * (len(caps) - len(self._plan_caps))
     hw = self._plan_caps = tuple(max(a, b) for a, b in zip(caps, prev))
     if hw == caps:
       return plan
     r, p_, k, i, q, m = hw
-    extra = {"item_rows_capacity": m} if hasattr(plan, "item_rows_capacity") else {}
     def pad(a, shape, fill=0):
       out = np.full(shape, fill, np.int32)
       out[tuple(slice(0, n) for n in a.shape)] = a
@@ -462,7 +461,8 @@ class Engine:
         item_chunks=pad(plan.item_chunks, (i, plan.item_chunks.shape[1])),
         item_num_chunks=pad(plan.item_num_chunks, (i,)),
         item_row_begin=pad(plan.item_row_begin, (i,)), item_row_end=pad(plan.item_row_end, (i,)),
-        item_partial_offset=pad(plan.item_partial_offset, (i,)), partial_capacity=q, **extra)
+        item_partial_offset=pad(plan.item_partial_offset, (i,)), partial_capacity=q,
+        item_rows_capacity=m)
 
   def _append_pending(self) -> dict[int, np.ndarray]:
     """Appends every running request's last sampled token to the tree; returns {rid: slot [2]}.
