@@ -34,7 +34,8 @@ def bucket(n: int, minimum: int = 1) -> int:
 class DecodePlan:
   """Kernel context for one decode step. All arrays int32; see docs/design.md for the fields.
 
-  Shapes: R rows, I shared items, G chunks per item, P private chunks per row, K items per row.
+  Shapes: R rows, I shared items, G chunks per item, P private chunks per row, K items (partial
+  slots) per row. I may be 0 (no shared items: the paged plan); then no chunk-first pass runs.
   """
 
   num_rows: np.ndarray            # []
@@ -47,10 +48,9 @@ class DecodePlan:
   item_num_chunks: np.ndarray     # [I]
   item_row_begin: np.ndarray      # [I]
   item_row_end: np.ndarray        # [I]
-  item_partial_offset: np.ndarray  # [I]
+  item_slot: np.ndarray           # [I]
   length_delta: np.ndarray        # []
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
-  partial_capacity: int = dataclasses.field(metadata=dict(static=True))
   # Largest `item_row_end - item_row_begin`, padded to a power of two: sizes the chunk-first grid.
   item_rows_capacity: int = dataclasses.field(metadata=dict(static=True), default=1)
 
@@ -61,6 +61,11 @@ class DecodePlan:
   @property
   def item_capacity(self) -> int:
     return self.item_chunks.shape[0]
+
+  @property
+  def items_per_row(self) -> int:
+    """K: partial slots per row."""
+    return self.row_items.shape[1]
 
   def private_lengths(self):
     """int32 [R]: tokens in each row's private chunks now (`row_private_len + length_delta` for
@@ -78,9 +83,23 @@ class DecodePlan:
     return np.asarray([index[int(s)] for s in seq_ids], np.int32)
 
 
+def items_to_fill_gpu(num_kv_heads: int, *, num_sms: int = 132, programs_per_sm: int = 2) -> int:
+  """`min_items` for `build_plan`: shared items whose chunk-first programs (one per item and KV
+  head) give every SM `programs_per_sm` programs of work (132 SMs: H100 SXM; H200: 132)."""
+  if num_kv_heads < 1 or num_sms < 1 or programs_per_sm < 1:
+    raise ValueError(f"arguments must be >= 1: {num_kv_heads=} {num_sms=} {programs_per_sm=}")
+  return -(-programs_per_sm * num_sms // num_kv_heads)
+
+
+def split_run(num_chunks: int, num_pieces: int) -> list[int]:
+  """Sizes of `num_pieces` consecutive pieces of a run of `num_chunks`, as equal as possible."""
+  base, extra = divmod(num_chunks, num_pieces)
+  return [base + (p < extra) for p in range(num_pieces)]
+
+
 def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | None = None,
-               max_chunks_per_item: int = 16, min_row_capacity: int = MIN_ROW_CAPACITY
-               ) -> DecodePlan:
+               max_chunks_per_item: int = 16, min_items: int = 1,
+               min_row_capacity: int = MIN_ROW_CAPACITY) -> DecodePlan:
   """Flattens `tree` into a DecodePlan.
 
   Args:
@@ -90,16 +109,23 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
     policy: optional `policy(num_rows, num_chunks) -> bool` deciding per run of chunks.
     max_chunks_per_item: `G`, the most chunks one shared work item (one chunk-first program per KV
       head) covers; a power of two.
+    min_items: split shared runs into at least this many items in total (where there are that
+      many shared chunks), each run in proportion to its length, so the chunk-first pass has
+      enough programs to fill the GPU (`items_to_fill_gpu`). 1 = cut runs only at G chunks.
     min_row_capacity: the smallest row capacity `R`.
 
   Returns:
-    The plan; arrays int32 NumPy with capacities padded to powers of two.
+    The plan; arrays int32 NumPy with capacities padded to powers of two (I may be 0).
   """
-  if threshold < 1:
-    raise ValueError(f"threshold must be >= 1 (a chunk used by one row is private), got {threshold}")
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 1:
+    raise ValueError(f"threshold must be an int >= 1 (a chunk used by one row is private): "
+                     f"{threshold=}")
   g_cap = max_chunks_per_item
-  if g_cap < 1 or g_cap & (g_cap - 1):
-    raise ValueError(f"max_chunks_per_item must be a power of two, got {max_chunks_per_item}")
+  if (isinstance(g_cap, bool) or not isinstance(g_cap, (int, np.integer)) or g_cap < 1
+      or g_cap & (g_cap - 1)):
+    raise ValueError(f"max_chunks_per_item must be a power of two >= 1: {max_chunks_per_item=}")
+  if isinstance(min_items, bool) or not isinstance(min_items, (int, np.integer)) or min_items < 1:
+    raise ValueError(f"min_items must be an int >= 1: {min_items=}")
   c = tree.chunk_size
 
   def shared(count: int, run_len: int) -> bool:
@@ -107,13 +133,13 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       return False
     return policy(count, run_len) if policy is not None else count > threshold
 
-  rows: list = []            # _Seq per row
-  row_private: list = []     # pool slots per row
-  row_items: list = []       # item indices per row
+  rows: list = []              # _Seq per row
+  row_private: list = []       # pool slots per row
+  row_run: list[int] = []      # innermost shared run covering the row (-1: none)
   row_shared_chunks: list = []  # shared chunk count per row
-  items: list = []           # (slots, begin, end)
+  runs: list = []              # (slots, begin, end, parent run)
   priv_stack: list[int] = []
-  item_stack: list[int] = []
+  run_stack: list[int] = []
   n_shared = 0
 
   # Explicit stack (paths may be thousands of chunks deep). Entries: a node to enter, or an int
@@ -122,8 +148,8 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
   while stack:
     entry = stack.pop()
     if isinstance(entry, tuple):
-      n_items, n_priv, n_sh = entry
-      del item_stack[len(item_stack) - n_items:]
+      n_runs, n_priv, n_sh = entry
+      del run_stack[len(run_stack) - n_runs:]
       del priv_stack[len(priv_stack) - n_priv:]
       n_shared -= n_sh
       continue
@@ -133,10 +159,9 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       while not node.ending:
         node = next(ch for ch in node.children if ch.count)  # skip cached (count 0) chunks
       seq = node.ending[0]
-      depth = entry.depth
       rows.append(seq)
-      row_private.append(priv_stack + seq.slots[depth:])
-      row_items.append(list(item_stack))
+      row_private.append(priv_stack + seq.slots[entry.depth:])
+      row_run.append(run_stack[-1] if run_stack else -1)
       row_shared_chunks.append(n_shared)
       continue
     run = [node]
@@ -147,11 +172,10 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       run.append(live[0])
     begin = len(rows)
     if shared(node.count, len(run)):
-      slots = [n.slot for n in run]
-      for i in range(0, len(slots), g_cap):
-        item_stack.append(len(items))
-        items.append((slots[i:i + g_cap], begin, begin + node.count))
-      marker = (-(-len(slots) // g_cap), 0, len(run))
+      runs.append(([n.slot for n in run], begin, begin + node.count,
+                   run_stack[-1] if run_stack else -1))
+      run_stack.append(len(runs) - 1)
+      marker = (1, 0, len(run))
       n_shared += len(run)
     else:
       priv_stack.extend(n.slot for n in run)
@@ -162,48 +186,70 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
     for seq in last.ending:
       rows.append(seq)
       row_private.append(list(priv_stack))
-      row_items.append(list(item_stack))
+      row_run.append(run_stack[-1] if run_stack else -1)
       row_shared_chunks.append(n_shared)
+
+  # Cut every run into items: at most G chunks each, and in proportion to its length so that the
+  # plan has >= min_items items when there are that many shared chunks. An item's slot (its
+  # position in the item list of each row it covers) is the same for all its rows.
+  total = sum(len(slots) for slots, *_ in runs)
+  items: list = []  # (slots, begin, end, slot)
+  run_first_item: list[int] = []
+  run_num_items: list[int] = []
+  run_end_slot: list[int] = []  # slots used by the run and its ancestors
+  for slots, begin, end, parent in runs:
+    n = len(slots)
+    pieces = min(n, max(-(-n // g_cap), -(-min_items * n // total)))
+    first_slot = run_end_slot[parent] if parent >= 0 else 0
+    run_first_item.append(len(items))
+    run_num_items.append(pieces)
+    run_end_slot.append(first_slot + pieces)
+    at = 0
+    for p, size in enumerate(split_run(n, pieces)):
+      items.append((slots[at:at + size], begin, end, first_slot + p))
+      at += size
 
   b = len(rows)
   r_cap = bucket(b, min_row_capacity)
   p_cap = bucket(max((len(p) for p in row_private), default=1))
-  k_cap = bucket(max((len(k) for k in row_items), default=1))
-  i_cap = bucket(len(items))
+  k_cap = bucket(max((run_end_slot[r] for r in row_run if r >= 0), default=1))
+  i_cap = bucket(len(items)) if items else 0
 
   row_seq_ids = np.full(r_cap, -1, np.int32)
   row_private_chunks = np.zeros((r_cap, p_cap), np.int32)
   row_private_len = np.zeros(r_cap, np.int32)
-  row_items_arr = np.zeros((r_cap, k_cap), np.int32)
+  row_items = np.zeros((r_cap, k_cap), np.int32)
   row_num_items = np.zeros(r_cap, np.int32)
-  for r, (seq, priv, its, n_sh) in enumerate(zip(rows, row_private, row_items, row_shared_chunks)):
+  for r, (seq, priv, run, n_sh) in enumerate(zip(rows, row_private, row_run, row_shared_chunks)):
     row_seq_ids[r] = seq.seq_id
     row_private_chunks[r, :len(priv)] = priv
     row_private_len[r] = seq.length - c * n_sh
-    row_items_arr[r, :len(its)] = its
-    row_num_items[r] = len(its)
+    if run >= 0:
+      row_num_items[r] = run_end_slot[run]
+      while run >= 0:  # the run's items, then its ancestors' (slots are global positions)
+        first, count = run_first_item[run], run_num_items[run]
+        slot0 = run_end_slot[run] - count
+        row_items[r, slot0:slot0 + count] = np.arange(first, first + count)
+        run = runs[run][3]
 
   item_chunks = np.zeros((i_cap, g_cap), np.int32)
   item_num_chunks = np.zeros(i_cap, np.int32)
   item_row_begin = np.zeros(i_cap, np.int32)
   item_row_end = np.zeros(i_cap, np.int32)
-  item_partial_offset = np.zeros(i_cap, np.int32)
-  offset = 0
-  for i, (slots, begin, end) in enumerate(items):
+  item_slot = np.zeros(i_cap, np.int32)
+  for i, (slots, begin, end, slot) in enumerate(items):
     item_chunks[i, :len(slots)] = slots
     item_num_chunks[i] = len(slots)
     item_row_begin[i], item_row_end[i] = begin, end
-    item_partial_offset[i] = offset
-    offset += end - begin
+    item_slot[i] = slot
 
   return DecodePlan(
       num_rows=np.asarray(b, np.int32), row_seq_ids=row_seq_ids,
       row_private_chunks=row_private_chunks, row_private_len=row_private_len,
-      row_items=row_items_arr, row_num_items=row_num_items, item_chunks=item_chunks,
+      row_items=row_items, row_num_items=row_num_items, item_chunks=item_chunks,
       item_num_chunks=item_num_chunks, item_row_begin=item_row_begin, item_row_end=item_row_end,
-      item_partial_offset=item_partial_offset, length_delta=np.asarray(0, np.int32),
-      chunk_size=c, partial_capacity=bucket(offset),
-      item_rows_capacity=bucket(max((end - begin for _, begin, end in items), default=1)))
+      item_slot=item_slot, length_delta=np.asarray(0, np.int32), chunk_size=c,
+      item_rows_capacity=bucket(max((end - begin for _, begin, end, _ in items), default=1)))
 
 
 class PlanBuilder:
@@ -247,9 +293,10 @@ class PlanBuilder:
   def _reread_lengths(self) -> np.ndarray:
     p = self._plan
     b = int(p.num_rows)
-    k = p.row_items.shape[1]
-    in_row = np.arange(k)[None, :] < p.row_num_items[:, None]
-    shared_tokens = p.chunk_size * (p.item_num_chunks[p.row_items] * in_row).sum(axis=1)
+    shared_tokens = np.zeros(p.row_capacity, np.int64)
+    if p.item_capacity:
+      in_row = np.arange(p.items_per_row)[None, :] < p.row_num_items[:, None]
+      shared_tokens = p.chunk_size * (p.item_num_chunks[p.row_items] * in_row).sum(axis=1)
     lengths = np.asarray([self.tree.length(int(s)) for s in p.row_seq_ids[:b]], np.int64)
     out = np.zeros_like(p.row_private_len)
     out[:b] = lengths - shared_tokens[:b]

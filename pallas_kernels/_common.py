@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # Finite "minus infinity" for masked scores and empty running maxima. Finite on purpose:
 # exp(NEG - NEG) stays finite (no inf - inf = NaN); every live quantity is far above it.
@@ -22,6 +23,24 @@ def next_pow2(n: int) -> int:
 
 def is_pow2(n: int) -> bool:
   return n >= 1 and (n & (n - 1)) == 0
+
+
+def divmod_static(x, m: int):
+  """(x // m, x % m) for non-negative int32 x and a static m >= 1, as truncating lax ops (which
+  equal floor semantics here) so the Triton lowering needs no sign fix-ups; m = 1 costs nothing."""
+  if m == 1:
+    return x, jnp.zeros_like(x)
+  return lax.div(x, jnp.int32(m)), lax.rem(x, jnp.int32(m))
+
+
+def partial_heads(g: int) -> int:
+  """gp: query heads per KV head as stored in the partial buffers (g padded to a power of two)."""
+  return next_pow2(g)
+
+
+def dot_precision(dtype):
+  """Full fp32 products for fp32 inputs (the GPU default would be TF32); default otherwise."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def check_qkv(q, k_pool, v_pool, *, pallas: bool) -> tuple[int, int, int, int, int]:
@@ -54,9 +73,18 @@ def check_qkv(q, k_pool, v_pool, *, pallas: bool) -> tuple[int, int, int, int, i
   return R, h, h_kv, c, d
 
 
-def check_int(name: str, x, shape: tuple[int, ...]) -> None:
+def check_int(name: str, x, shape: tuple[int | None, ...]) -> None:
   """Trace-time check of an int32 plan array's shape (None entries: any size)."""
   if x.dtype != jnp.int32:
     raise ValueError(f"{name} must be int32: {x.dtype=}")
   if len(x.shape) != len(shape) or any(s is not None and s != t for s, t in zip(shape, x.shape)):
     raise ValueError(f"{name} must have shape {shape}: {x.shape=}")
+
+
+def check_partials(partials, R: int, h_kv: int, K: int, gp: int, d: int) -> None:
+  """Trace-time check of a partial buffer pair (o [R, h_kv, K, gp, d], lse [R, h_kv, K, gp])."""
+  want = ((R, h_kv, K, gp, d), (R, h_kv, K, gp))
+  got = tuple(tuple(x.shape) for x in partials)
+  if got != want or any(x.dtype != jnp.float32 for x in partials):
+    raise ValueError(f"partials must be float32 (o, lse) of shapes {want}: {got=} "
+                     f"{tuple(str(x.dtype) for x in partials)=}")

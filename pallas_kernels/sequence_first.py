@@ -1,17 +1,28 @@
 """Phase 2 of two-phase decode attention: sequence-first over each row.
 
-One program per (row, KV head). It computes the row's private chunks straight from the pool (the
-last one masked to the row's private length), then merges the chunk-first partials of the shared
-items covering the row (see `chunk_first` for the partial layout) by log-sum-exp, and normalises.
-The ``g`` query heads of the KV head's group are padded to ``gp = max(16, next_pow2(g))`` rows so
-the score product is a Triton dot.
+One program per (row, KV head). It attends the row's ``g`` query heads to the row's private chunks
+straight from the pool (only the valid tokens of the last one are read), merges the chunk-first
+partials of the shared items covering the row (``row_num_items[r]`` partial slots, read as
+contiguous ``[slots, gp, d]`` blocks: no chain of dependent loads), normalises, and writes the
+output in q's natural ``[R, h, d]`` layout. Live rows, the private length and the spare-row rule
+come from ``num_rows`` and ``length_delta`` inside the kernel (no glue kernels around it).
 
-Spare-row convention: a row with no private tokens and no items (spare rows: pass private length 0
-and 0 items) gets an all-zero output and never produces NaN.
+Two ways to compute the private scores, chosen statically by the group size:
+
+* CUDA cores (``g <= 2``, MHA and small groups): no padding of one query head to a 16-row MMA.
+  Each of the ``block_n`` token lanes of a K/V tile keeps its own running max, sum and
+  ``[d]`` accumulator across tiles; the lanes are merged once after the loop, so the loop body is
+  element-wise and needs no cross-warp reduction (no barrier) per tile.
+* Tensor cores (``g >= 4``): the group's queries, padded to ``max(16, gp)`` rows, as one
+  ``[rows, d] x [d, block_n]`` product per tile, with a standard online softmax.
+
+Spare-row convention: rows ``>= num_rows`` (and live rows with no private token and no item) get an
+all-zero output and never produce NaN.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,174 +34,349 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _common
 from pallas_kernels._common import NEG
 
+# Largest group size computed on CUDA cores (per-head [block_n, d] accumulators in registers).
+CUDA_CORE_MAX_GROUP = 2
+# Elements of one partial block [slots, gp, d] held in registers while merging.
+MERGE_BLOCK_ELEMS = 2048
+# Private chunk slots read into registers at a time on the tensor-core path.
+SLOT_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceFirstConfig:
+  """Tuning knobs of the sequence-first kernel (static; hashable).
+
+  Attributes:
+    block_n: tokens per K/V tile; a power of two dividing the chunk size, >= 16.
+    num_warps: warps per program.
+    num_stages: software-pipeline depth of the K/V tile loop (tiles in flight = num_stages - 1).
+    cuda_core: compute private scores on CUDA cores (default: iff g <= CUDA_CORE_MAX_GROUP).
+  """
+
+  block_n: int = 32
+  num_warps: int = 4
+  num_stages: int = 3
+  cuda_core: bool | None = None
+
+  def __post_init__(self):
+    if not _common.is_pow2(self.block_n) or self.block_n < 16:
+      raise ValueError(f"block_n must be a power of two >= 16: {self.block_n=}")
+    if self.num_warps not in (1, 2, 4, 8):
+      raise ValueError(f"num_warps must be 1, 2, 4 or 8: {self.num_warps=}")
+    if not 1 <= self.num_stages <= 6:
+      raise ValueError(f"num_stages must be in [1, 6]: {self.num_stages=}")
+
+  @classmethod
+  def default(cls, *, d: int, c: int, g: int, dtype) -> "SequenceFirstConfig":
+    """Heuristic: CUDA-core tiles of ~4K elements per accumulator; MMA tiles of whole chunks."""
+    del dtype
+    cuda_core = g <= CUDA_CORE_MAX_GROUP
+    if cuda_core:
+      block_n = max(16, min(c, 4096 // (d * g)))
+    else:
+      block_n = min(c, 64)
+    return cls(block_n=block_n, num_warps=4, num_stages=3, cuda_core=cuda_core)
+
 
 # --------------------------------------------------------------------------------------------
 # 1. Kernel body.
 # --------------------------------------------------------------------------------------------
+def _tile_loader(k_ref, v_ref, slots_ref, r, j, length, *, h_kv, c, block_n):
+  """Functions (slot_of(n), load(n, slot)) for tile n of the row's private tokens."""
+  d = k_ref.shape[-1]
+  col = jnp.arange(d)[None, :]
+  tok = jnp.arange(block_n)
+  tiles_per_chunk = c // block_n
+  P = slots_ref.shape[1]
+
+  def slot_of(n):
+    chunk, _ = _common.divmod_static(n, tiles_per_chunk)
+    return slots_ref[r, jnp.minimum(chunk, P - 1)]  # tiles past the end are masked below
+
+  def load(n, slot):
+    _, tile = _common.divmod_static(n, tiles_per_chunk)
+    valid = n * block_n + tok < length  # only valid tokens are read: the tail is partial
+    kv_row = (slot * h_kv + j) * c + tile * block_n + tok
+    kt = plgpu.load(k_ref.at[kv_row[:, None], col], mask=valid[:, None], other=0.0)
+    vt = plgpu.load(v_ref.at[kv_row[:, None], col], mask=valid[:, None], other=0.0)
+    return kt, vt
+
+  return slot_of, load
+
+
+def _private_cuda_core(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, h, h_kv, c, block_n,
+                       sm_scale):
+  """Private attention of one (row, KV head) on CUDA cores.
+
+  The compiler pipelines only loads that feed a dot, so the tile loop prefetches by hand: tile n+2
+  is requested (and the slot of tile n+3) before tile n, loaded two iterations earlier, is used.
+
+  Returns per query head gi < g: (o [d] unnormalised, m [], l []) as lists.
+  """
+  d = q_ref.shape[-1]
+  tok = jnp.arange(block_n)
+  slot_of, load = _tile_loader(k_ref, v_ref, slots_ref, r, j, length, h_kv=h_kv, c=c,
+                               block_n=block_n)
+  qs = [q_ref[r * h + j * g + gi, :].astype(jnp.float32) * sm_scale for gi in range(g)]
+
+  def body(n, carry):
+    lanes, tile_n, tile_n1, slot_n2 = carry
+    slot_n3 = slot_of(n + 3)
+    tile_n2 = load(n + 2, slot_n2)
+    kt, vt = (x.astype(jnp.float32) for x in tile_n)
+    valid = n * block_n + tok < length
+    out = []
+    for gi in range(g):
+      o, m, l = lanes[gi]
+      s = jnp.where(valid, jnp.sum(kt * qs[gi][None, :], axis=1), NEG)  # [block_n]
+      m_new = jnp.maximum(m, s)
+      alpha = jnp.exp(m - m_new)
+      p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+      out.append((alpha[:, None] * o + p[:, None] * vt, m_new, alpha * l + p))
+    return tuple(out), tile_n1, tile_n2, slot_n3
+
+  lanes = tuple((jnp.zeros((block_n, d), jnp.float32), jnp.full((block_n,), NEG, jnp.float32),
+                 jnp.zeros((block_n,), jnp.float32)) for _ in range(g))
+  init = (lanes, load(0, slot_of(0)), load(1, slot_of(1)), slot_of(2))
+  lanes = lax.fori_loop(0, pl.cdiv(length, block_n), body, init)[0]
+  result = []
+  for o, m, l in lanes:  # merge the token lanes
+    m_all = m.max()
+    w = jnp.exp(m - m_all)
+    result.append(((w[:, None] * o).sum(axis=0), m_all, (w * l).sum()))
+  return result
+
+
+def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, rows, h, h_kv, c, block_n,
+                 sm_scale, precision):
+  """Private attention of one (row, KV head) on tensor cores.
+
+  Slots are read `SLOT_BLOCK` at a time into registers outside the (software-pipelined) tile loop,
+  so no K/V address in that loop waits for a load.
+
+  Returns (o [rows, d] unnormalised, m [rows], l [rows]); rows >= g are padding.
+  """
+  d = q_ref.shape[-1]
+  col = jnp.arange(d)[None, :]
+  tok = jnp.arange(block_n)
+  tiles_per_chunk = c // block_n
+  P = slots_ref.shape[1]
+  sb = min(SLOT_BLOCK, P)
+  gi = jnp.arange(rows)
+  q = plgpu.load(q_ref.at[(r * h + j * g + gi)[:, None], col], mask=(gi < g)[:, None],
+                 other=0.0)  # [rows, d]
+  num_chunks = pl.cdiv(length, c)
+  num_tiles = pl.cdiv(length, block_n)
+
+  def block(b, carry):
+    slots = slots_ref[r, pl.ds(b * sb, sb)]  # [sb]
+
+    def body(n, carry):
+      o, m, l = carry
+      chunk, tile = _common.divmod_static(n, tiles_per_chunk)
+      slot = jnp.sum(jnp.where(jnp.arange(sb) == chunk - b * sb, slots, 0))
+      valid = n * block_n + tok < length
+      kv_row = (slot * h_kv + j) * c + tile * block_n + tok
+      kt = plgpu.load(k_ref.at[kv_row[:, None], col], mask=valid[:, None], other=0.0)
+      vt = plgpu.load(v_ref.at[kv_row[:, None], col], mask=valid[:, None], other=0.0)
+      s = plgpu.dot(q, kt, trans_b=True, precision=precision) * sm_scale  # [rows, block_n]
+      s = jnp.where(valid[None, :], s, NEG)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+      o_new = alpha[:, None] * o + plgpu.dot(p.astype(vt.dtype), vt, precision=precision)
+      return o_new, m_new, alpha * l + p.sum(axis=-1)
+
+    first = b * sb * tiles_per_chunk
+    return lax.fori_loop(first, jnp.minimum(first + sb * tiles_per_chunk, num_tiles), body, carry)
+
+  init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  return lax.fori_loop(0, pl.cdiv(num_chunks, sb), block, init)
+
+
+def _stack_heads(xs):
+  """[x_0, ...] -> stacked along a new leading axis (Triton stacks only pairs)."""
+  return jnp.reshape(xs[0], (1, *xs[0].shape)) if len(xs) == 1 else jnp.stack(xs)
+
+
 def _sequence_first_kernel(
     # inputs
+    num_rows_ref,  # [1] int32 live rows
+    length_delta_ref,  # [1] int32 tokens appended to every live row since the plan was built
     row_private_chunks_ref,  # [R, P] int32 pool slots
-    row_private_len_ref,  # [R] int32 private tokens (0 for spare rows)
-    row_items_ref,  # [R, K] int32 shared items covering the row
-    row_num_items_ref,  # [R] int32
-    item_row_begin_ref,  # [I] int32
-    item_partial_offset_ref,  # [I] int32
-    q_ref,  # [gp, d] this (row, KV head)'s queries, zero-padded past g
-    k_pool_ref,  # [n_chunks, h_kv, c, d]
-    v_pool_ref,  # [n_chunks, h_kv, c, d]
-    po_ref,  # [h_kv, Q * g, d] f32 partial o
-    pm_ref,  # [h_kv, Q * g] f32 partial m
-    pl_ref,  # [h_kv, Q * g] f32 partial l
-    # outputs
-    out_ref,  # [gp, d] normalised output, q dtype
-    *,
+    row_private_len_ref,  # [R] int32 private tokens at plan build time
+    row_num_items_ref,  # [R] int32 partial slots in use
+    q_ref,  # [R * h, d]
+    k_ref,  # [n_chunks * h_kv * c, d]
+    v_ref,  # [n_chunks * h_kv * c, d]
+    *refs,  # with K > 0: po_ref [R * h_kv * K * gp, d] f32 normalised partial outputs and
+    #         plse_ref [R * h_kv * K * gp] f32 partial log-sum-exp; then the output:
+    #         out_ref [R * h, d] normalised output, q dtype
+
     g: int,
+    h: int,
+    h_kv: int,
+    K: int,
+    c: int,
+    block_n: int,
+    cuda_core: bool,
     sm_scale: float,
 ):
+  po_ref, plse_ref, out_ref = refs if K else (None, None, *refs)
   r = pl.program_id(0)
   j = pl.program_id(1)
-  gp, d = q_ref.shape
-  c = k_pool_ref.shape[2]
-  q = q_ref[...]  # [gp, d]
-  length = row_private_len_ref[r]
+  d = q_ref.shape[-1]
+  gp = _common.partial_heads(g)
+  live = r < num_rows_ref[0]
+  length = jnp.where(live, row_private_len_ref[r] + length_delta_ref[0], 0)
+  num_items = jnp.where(live, row_num_items_ref[r], 0)
+  kw = dict(h=h, h_kv=h_kv, c=c, block_n=block_n, sm_scale=sm_scale)
 
-  def private_body(k, carry):
+  # Private part as per-head running state (o unnormalised [rows, d], m [rows], l [rows]).
+  if cuda_core:
+    heads = _private_cuda_core(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, g=g, **kw)
+    rows = gp  # == g for g in (1, 2)
+    o, m, l = (_stack_heads([x[n] for x in heads]) for n in range(3))
+  else:
+    rows = max(16, gp)
+    o, m, l = _private_mma(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, g=g,
+                           rows=rows, precision=_common.dot_precision(q_ref.dtype), **kw)
+
+  # Merge partial slots [0, num_items), `block_k` at a time: the addresses depend only on (r, j).
+  block_k = max(1, min(K, MERGE_BLOCK_ELEMS // (rows * d)))
+  gi = jnp.arange(rows)
+  head_ok = gi < gp
+
+  def merge(n, carry):
     o, m, l = carry
-    slot = row_private_chunks_ref[r, k]
-    kc = k_pool_ref[slot, j, :, :]  # [c, d]
-    vc = v_pool_ref[slot, j, :, :]  # [c, d]
-    s = plgpu.dot(q, kc, trans_b=True) * sm_scale  # [gp, c] f32
-    valid = k * c + jnp.arange(c) < length  # [c]; >= 1 valid token in every visited chunk
-    s = jnp.where(valid[None, :], s, NEG)
-    m_new = jnp.maximum(m, s.max(axis=-1))
+    k = n * block_k + jnp.arange(block_k)  # [block_k]
+    ok = (k < num_items)[:, None] & head_ok[None, :]  # [block_k, rows]
+    idx = ((r * h_kv + j) * K + k[:, None]) * gp + gi[None, :]  # [block_k, rows]
+    lse = plgpu.load(plse_ref.at[idx], mask=ok, other=NEG)
+    op = plgpu.load(po_ref.at[idx[:, :, None], jnp.arange(d)[None, None, :]], mask=ok[:, :, None],
+                    other=0.0)  # [block_k, rows, d]
+    m_new = jnp.maximum(m, lse.max(axis=0))
     alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
-    l_new = alpha * l + p.sum(axis=-1)
-    o_new = alpha[:, None] * o + plgpu.dot(p.astype(vc.dtype), vc)
-    return o_new, m_new, l_new
+    w = jnp.where(ok, jnp.exp(lse - m_new[None, :]), 0.0)  # [block_k, rows]
+    return (alpha[:, None] * o + (w[:, :, None] * op).sum(axis=0), m_new,
+            alpha * l + w.sum(axis=0))
 
-  o0 = jnp.zeros((gp, d), jnp.float32)
-  m0 = jnp.full((gp,), NEG, jnp.float32)
-  l0 = jnp.zeros((gp,), jnp.float32)
-  o, m, l = lax.fori_loop(0, pl.cdiv(length, c), private_body, (o0, m0, l0))
-
-  head_valid = jnp.arange(gp) < g  # [gp]
-  mask_gd = jnp.broadcast_to(head_valid[:, None], (gp, d))
-
-  def merge_body(k, carry):
-    o, m, l = carry
-    item = row_items_ref[r, k]
-    p_row = item_partial_offset_ref[item] + r - item_row_begin_ref[item]
-    o_p = plgpu.load(po_ref.at[j, pl.ds(p_row * g, gp), :], mask=mask_gd, other=0.0)  # [gp, d]
-    m_p = plgpu.load(pm_ref.at[j, pl.ds(p_row * g, gp)], mask=head_valid, other=NEG)  # [gp]
-    l_p = plgpu.load(pl_ref.at[j, pl.ds(p_row * g, gp)], mask=head_valid, other=0.0)  # [gp]
-    m_new = jnp.maximum(m, m_p)
-    alpha = jnp.exp(m - m_new)
-    beta = jnp.exp(m_p - m_new)
-    return alpha[:, None] * o + beta[:, None] * o_p, m_new, alpha * l + beta * l_p
-
-  o, m, l = lax.fori_loop(0, row_num_items_ref[r], merge_body, (o, m, l))
-  safe_l = jnp.where(l > 0.0, l, 1.0)
-  out = jnp.where((l > 0.0)[:, None], o / safe_l[:, None], 0.0)
-  out_ref[...] = out.astype(out_ref.dtype)
+  if K:
+    o, m, l = lax.fori_loop(0, pl.cdiv(num_items, block_k), merge, (o, m, l))
+  out = jnp.where((l > 0.0)[:, None], o / jnp.where(l > 0.0, l, 1.0)[:, None], 0.0)
+  plgpu.store(out_ref.at[(r * h + j * g + gi)[:, None], jnp.arange(d)[None, :]],
+              out.astype(out_ref.dtype), mask=(gi < g)[:, None])
 
 
 # --------------------------------------------------------------------------------------------
 # 2. pallas_call wrapper.
 # --------------------------------------------------------------------------------------------
-def _sequence_first_call(q_pad, k_pool, v_pool, row_private_chunks, row_private_len, row_items,
-                         row_num_items, item_row_begin, item_partial_offset, partials, *, g,
-                         sm_scale, num_warps, num_stages, interpret):
-  R, h_kv, gp, d = q_pad.shape
-  kernel = functools.partial(_sequence_first_kernel, g=g, sm_scale=sm_scale)
-  block = pl.BlockSpec((None, None, gp, d), lambda r, j: (r, j, 0, 0))
-  # no_block_spec = whole-array ref, indexed inside the kernel.
-  in_specs = [pl.no_block_spec] * 6 + [block] + [pl.no_block_spec] * 5
-  return pl.pallas_call(
+def _sequence_first_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                         row_private_len, row_num_items, partials, *, config, sm_scale, interpret):
+  R, h, d = q.shape
+  n_chunks, h_kv, c, _ = k_pool.shape
+  g = h // h_kv
+  K = 0 if partials is None else partials[0].shape[2]
+  partial_args = () if partials is None else (partials[0].reshape(-1, d), partials[1].reshape(-1))
+  cuda_core = (g <= CUDA_CORE_MAX_GROUP) if config.cuda_core is None else config.cuda_core
+  kernel = functools.partial(_sequence_first_kernel, g=g, h=h, h_kv=h_kv, K=K, c=c,
+                             block_n=min(config.block_n, c), cuda_core=cuda_core,
+                             sm_scale=sm_scale)
+  out = pl.pallas_call(
       kernel,
       grid=(R, h_kv),
-      in_specs=in_specs,
-      out_specs=block,
-      out_shape=jax.ShapeDtypeStruct(q_pad.shape, q_pad.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      out_shape=jax.ShapeDtypeStruct((R * h, d), q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
       interpret=interpret,
-      name=f"sequence_first_{g=}",
-  )(row_private_chunks, row_private_len, row_items, row_num_items, item_row_begin,
-    item_partial_offset, q_pad, k_pool, v_pool, *partials)
+      name=f"sequence_first_g{g}_n{config.block_n}_{'cuda' if cuda_core else 'mma'}",
+  )(num_rows.reshape(1), length_delta.reshape(1), row_private_chunks, row_private_len,
+    row_num_items, q.reshape(R * h, d), k_pool.reshape(n_chunks * h_kv * c, d),
+    v_pool.reshape(n_chunks * h_kv * c, d), *partial_args)
+  return out.reshape(R, h, d)
 
 
 # --------------------------------------------------------------------------------------------
 # 3. Public jitted function.
 # --------------------------------------------------------------------------------------------
-def _check_rows(q, k_pool, v_pool, row_private_chunks, row_private_len, row_items, row_num_items,
-                item_row_begin, item_partial_offset, partials, pallas):
+def _check_rows(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, row_private_len,
+                row_num_items, partials, pallas):
   R, h, h_kv, c, d = _common.check_qkv(q, k_pool, v_pool, pallas=pallas)
   g = h // h_kv
+  for name, x in (("num_rows", num_rows), ("length_delta", length_delta)):
+    if x.shape != () or x.dtype != jnp.int32:
+      raise ValueError(f"{name} must be an int32 scalar: {x.shape=} {x.dtype=}")
   _common.check_int("row_private_chunks", row_private_chunks, (R, None))
   _common.check_int("row_private_len", row_private_len, (R,))
-  _common.check_int("row_items", row_items, (R, None))
   _common.check_int("row_num_items", row_num_items, (R,))
-  _common.check_int("item_row_begin", item_row_begin, (None,))
-  _common.check_int("item_partial_offset", item_partial_offset, item_row_begin.shape)
-  po, pm, pl_ = partials
-  if (po.ndim != 3 or po.shape[0] != h_kv or po.shape[1] % g or po.shape[2] != d
-      or pm.shape != po.shape[:2] or pl_.shape != po.shape[:2]
-      or any(x.dtype != jnp.float32 for x in partials)):
-    raise ValueError(f"partials must be float32 [h_kv, Q*g, d], [h_kv, Q*g], [h_kv, Q*g]: "
-                     f"{po.shape=} {pm.shape=} {pl_.shape=} {po.dtype=} {pm.dtype=} {pl_.dtype=}")
+  if partials is None:
+    return R, h, h_kv, c, d, g
+  if len(partials) != 2 or partials[0].ndim != 5:
+    raise ValueError(f"partials must be (o [R, h_kv, K, gp, d], lse [R, h_kv, K, gp]): "
+                     f"{tuple(x.shape for x in partials)=}")
+  K = partials[0].shape[2]
+  _common.check_partials(partials, R, h_kv, K, _common.partial_heads(g), d)
   return R, h, h_kv, c, d, g
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "num_warps", "num_stages", "interpret"))
-def sequence_first(q, k_pool, v_pool, row_private_chunks, row_private_len, row_items,
-                   row_num_items, item_row_begin, item_partial_offset, partials, *,
-                   sm_scale: float | None = None, num_warps: int = 4, num_stages: int = 2,
-                   interpret: bool = False):
-  """Private chunks of every row plus merge of its chunk-first partials (Pallas, Triton).
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
+def sequence_first(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, row_private_len,
+                   row_num_items, partials, *, sm_scale: float | None = None,
+                   config: SequenceFirstConfig | None = None, interpret: bool = False):
+  """Private chunks of every row plus the merge of its chunk-first partials (Pallas, Triton).
 
   Args:
     q: [R, h, d] queries.
     k_pool, v_pool: [n_chunks, h_kv, c, d].
+    num_rows: int32 [] live rows; rows >= num_rows get zeros.
+    length_delta: int32 [] tokens appended to every live row since the plan was built.
     row_private_chunks: int32 [R, P] pool slots of each row's private chunks, root to leaf.
-    row_private_len: int32 [R] private tokens of each row right now (0 for spare rows).
-    row_items: int32 [R, K]; row_num_items: int32 [R] the shared items covering each row.
-    item_row_begin, item_partial_offset: int32 [I] (to locate partial rows).
-    partials: (o, m, l) from `chunk_first`.
+    row_private_len: int32 [R] private tokens of each row at plan build time.
+    row_num_items: int32 [R] partial slots in use per row (slots [0, n) are merged).
+    partials: (o f32 [R, h_kv, K, gp, d], lse f32 [R, h_kv, K, gp]) from `chunk_first`, or None
+      when the plan has no shared items (then `row_num_items` is not read).
     sm_scale: score scale, default 1/sqrt(d).
+    config: tuning knobs (default `SequenceFirstConfig.default`).
+    interpret: run the kernel in Pallas interpret mode (CPU).
 
   Returns:
-    [R, h, d] in q.dtype; zeros for rows with neither private tokens nor items.
+    [R, h, d] in q.dtype; zeros for spare rows and rows with neither private tokens nor items.
   """
-  R, h, h_kv, c, d, g = _check_rows(q, k_pool, v_pool, row_private_chunks, row_private_len,
-                                    row_items, row_num_items, item_row_begin,
-                                    item_partial_offset, partials, pallas=True)
+  num_rows = jnp.asarray(num_rows, jnp.int32)
+  length_delta = jnp.asarray(length_delta, jnp.int32)
+  R, h, h_kv, c, d, g = _check_rows(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                                    row_private_len, row_num_items, partials, pallas=True)
+  config = SequenceFirstConfig.default(d=d, c=c, g=g, dtype=q.dtype) if config is None else config
+  if c % config.block_n and config.block_n < c:
+    raise ValueError(f"block_n must divide the chunk size: {config.block_n=} {c=}")
   sm_scale = d ** -0.5 if sm_scale is None else sm_scale
-  gp = max(16, _common.next_pow2(g))
-  q_pad = jnp.pad(q.reshape(R, h_kv, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-  out = _sequence_first_call(q_pad, k_pool, v_pool, row_private_chunks, row_private_len,
-                             row_items, row_num_items, item_row_begin, item_partial_offset,
-                             tuple(partials), g=g, sm_scale=float(sm_scale), num_warps=num_warps,
-                             num_stages=num_stages, interpret=interpret)
-  return out[:, :, :g, :].reshape(R, h, d)
+  if partials is not None:
+    partials = tuple(partials)
+  if config.cuda_core and g > CUDA_CORE_MAX_GROUP:
+    raise ValueError(f"cuda_core supports groups up to {CUDA_CORE_MAX_GROUP}: {g=}")
+  return _sequence_first_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                              row_private_len, row_num_items, partials, config=config,
+                              sm_scale=float(sm_scale), interpret=interpret)
 
 
 # --------------------------------------------------------------------------------------------
 # 4. Plain-jnp reference of the same function (also the phase 2 of the "xla" implementation).
 # --------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("sm_scale",))
-def sequence_first_reference(q, k_pool, v_pool, row_private_chunks, row_private_len, row_items,
-                             row_num_items, item_row_begin, item_partial_offset, partials, *,
+def sequence_first_reference(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                             row_private_len, row_num_items, partials, *,
                              sm_scale: float | None = None):
   """Same contract as `sequence_first`, in plain XLA (gathers + einsums, fp32 softmax)."""
-  R, h, h_kv, c, d, g = _check_rows(q, k_pool, v_pool, row_private_chunks, row_private_len,
-                                    row_items, row_num_items, item_row_begin,
-                                    item_partial_offset, partials, pallas=False)
+  num_rows = jnp.asarray(num_rows, jnp.int32)
+  length_delta = jnp.asarray(length_delta, jnp.int32)
+  R, h, h_kv, c, d, g = _check_rows(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                                    row_private_len, row_num_items, partials, pallas=False)
   sm_scale = d ** -0.5 if sm_scale is None else sm_scale
   P = row_private_chunks.shape[1]
-  K = row_items.shape[1]
-  po, pm, pl_ = partials
-  Q = po.shape[1] // g
+  live = jnp.arange(R) < num_rows
+  length = jnp.where(live, row_private_len + length_delta, 0)
+  num_items = jnp.where(live, row_num_items, 0)
   # Private part.
   kc = k_pool[row_private_chunks]  # [R, P, h_kv, c, d]
   vc = v_pool[row_private_chunks]
@@ -198,30 +384,24 @@ def sequence_first_reference(q, k_pool, v_pool, row_private_chunks, row_private_
   s = jnp.einsum("rjgd,rpjtd->rjgpt", qr, kc, preferred_element_type=jnp.float32,
                  precision=lax.Precision.HIGHEST) * sm_scale
   tok = jnp.arange(P)[:, None] * c + jnp.arange(c)[None, :]  # [P, c]
-  valid = tok[None] < row_private_len[:, None, None]  # [R, P, c]
-  vmask = valid[:, None, None]
+  vmask = (tok[None] < length[:, None, None])[:, None, None]  # [R, 1, 1, P, c]
   s = jnp.where(vmask, s, NEG)
   m = s.max(axis=(-1, -2))  # [R, h_kv, g]
   p = jnp.where(vmask, jnp.exp(s - m[..., None, None]), 0.0)
   l = p.sum(axis=(-1, -2))
   o = jnp.einsum("rjgpt,rpjtd->rjgd", p.astype(vc.dtype), vc,
                  preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
-  # Shared partials.
-  kvalid = jnp.arange(K)[None, :] < row_num_items[:, None]  # [R, K]
-  pidx = item_partial_offset[row_items] + jnp.arange(R)[:, None] - item_row_begin[row_items]
-  pidx = jnp.where(kvalid, jnp.clip(pidx, 0, Q - 1), 0)
-  o_p = po.reshape(h_kv, Q, g, d)[:, pidx].transpose(1, 2, 0, 3, 4)  # [R, K, h_kv, g, d]
-  m_p = pm.reshape(h_kv, Q, g)[:, pidx].transpose(1, 2, 0, 3)  # [R, K, h_kv, g]
-  l_p = pl_.reshape(h_kv, Q, g)[:, pidx].transpose(1, 2, 0, 3)
-  kv = kvalid[:, :, None, None]
-  m_p = jnp.where(kv, m_p, NEG)
-  m_all = jnp.maximum(m, m_p.max(axis=1))  # [R, h_kv, g]
+  # Shared partials: slots [0, num_items) of each row.
+  po, plse = partials
+  K = po.shape[2]
+  ok = (jnp.arange(K)[None, :] < num_items[:, None])[:, None, :, None]  # [R, 1, K, 1]
+  lse = jnp.where(ok, plse[..., :g], NEG)  # [R, h_kv, K, g]
+  op = jnp.where(ok[..., None], po[..., :g, :], 0.0)  # [R, h_kv, K, g, d]
+  m_all = jnp.maximum(m, lse.max(axis=2))  # [R, h_kv, g]
   a = jnp.exp(m - m_all)
-  b = jnp.where(kv, jnp.exp(m_p - m_all[:, None]), 0.0)  # [R, K, h_kv, g]
-  o_p = jnp.where(kv[..., None], o_p, 0.0)
-  l_p = jnp.where(kv, l_p, 0.0)
-  o_all = a[..., None] * o + (b[..., None] * o_p).sum(axis=1)
-  l_all = a * l + (b * l_p).sum(axis=1)
-  safe_l = jnp.where(l_all > 0.0, l_all, 1.0)
-  out = jnp.where((l_all > 0.0)[..., None], o_all / safe_l[..., None], 0.0)
+  w = jnp.where(ok, jnp.exp(lse - m_all[:, :, None]), 0.0)  # [R, h_kv, K, g]
+  o_all = a[..., None] * o + (w[..., None] * op).sum(axis=2)
+  l_all = a * l + w.sum(axis=2)
+  out = jnp.where((l_all > 0.0)[..., None], o_all / jnp.where(l_all > 0.0, l_all, 1.0)[..., None],
+                  0.0)
   return out.reshape(R, h, d).astype(q.dtype)

@@ -2,13 +2,16 @@
 
 `two_phase_decode` is the one public entry point; the implementation is data (`impl=`):
 
-* ``"pallas"``: `chunk_first` then `sequence_first`, Pallas Triton kernels (GPU);
+* ``"pallas"``: `chunk_first` then `sequence_first`, Pallas Triton kernels (GPU). Two kernel
+  launches per call (one when the plan has no shared items) and nothing else: q and the output keep
+  their natural layout, partial buffers are never zero-filled, live rows and length deltas are
+  applied inside the kernels;
 * ``"pallas_interpret"``: the same kernels in Pallas interpret mode (CPU, slow; for tests);
 * ``"xla"``: the same two phases in plain XLA (`chunk_first_reference`, `sequence_first_reference`);
 * ``"reference"``: no phases: every row gathers all its chunks (items' then private) and runs a
   dense fp32 softmax. The simplest correct implementation.
 
-Plan arrays follow docs/design.md (section 3); all int32, capacities R, I, G, P, K, Q.
+Plan arrays follow docs/design.md (section 3); all int32, capacities R, I, G, P, K.
 """
 
 from __future__ import annotations
@@ -21,17 +24,15 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import _common
-from pallas_kernels.chunk_first import chunk_first, chunk_first_reference, empty_partials
-from pallas_kernels.sequence_first import sequence_first, sequence_first_reference
+from pallas_kernels.chunk_first import ChunkFirstConfig, chunk_first, chunk_first_reference
+from pallas_kernels.sequence_first import (SequenceFirstConfig, sequence_first,
+                                           sequence_first_reference)
 
 IMPLS = ("pallas", "pallas_interpret", "xla", "reference")
 
 
-def effective_private_len(num_rows, row_private_len, length_delta):
-  """Private tokens per row now: row_private_len + length_delta for live rows, 0 for spare rows."""
-  R = row_private_len.shape[0]
-  live = jnp.arange(R, dtype=jnp.int32) < num_rows
-  return jnp.where(live, row_private_len + length_delta, 0).astype(jnp.int32)
+class InvalidPlanError(ValueError):
+  """A decode plan whose arrays are inconsistent or point outside the pool."""
 
 
 def _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items, row_num_items,
@@ -39,17 +40,19 @@ def _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items, ro
   R, h, d = q.shape
   _, h_kv, c, _ = k_pool.shape
   g = h // h_kv
-  K = row_items.shape[1]
-  I, G = item_chunks.shape
   P = row_private_chunks.shape[1]
-  # Shared chunks of each row, [R, K*G], valid where the item and the chunk are valid.
-  shared = item_chunks[row_items].reshape(R, K * G)
-  shared_ok = ((jnp.arange(K)[None, :, None] < row_num_items[:, None, None])
-               & (jnp.arange(G)[None, None, :] < item_num_chunks[row_items][:, :, None]))
-  shared_tok = jnp.broadcast_to(shared_ok.reshape(R, K * G, 1), (R, K * G, c))
   priv_tok = (jnp.arange(P)[:, None] * c + jnp.arange(c)[None, :])[None] < private_len[:, None, None]
-  slots = jnp.concatenate([shared, row_private_chunks], axis=1)  # [R, K*G + P]
-  tok_ok = jnp.concatenate([shared_tok, priv_tok], axis=1).reshape(R, -1)  # [R, n]
+  slots, tok_ok = row_private_chunks, priv_tok.reshape(R, P * c)
+  if item_chunks.shape[0]:
+    K = row_items.shape[1]
+    G = item_chunks.shape[1]
+    # Shared chunks of each row, [R, K*G], valid where the item and the chunk are valid.
+    shared = item_chunks[row_items].reshape(R, K * G)
+    shared_ok = ((jnp.arange(K)[None, :, None] < row_num_items[:, None, None])
+                 & (jnp.arange(G)[None, None, :] < item_num_chunks[row_items][:, :, None]))
+    shared_tok = jnp.broadcast_to(shared_ok.reshape(R, K * G, 1), (R, K * G, c))
+    slots = jnp.concatenate([shared, slots], axis=1)  # [R, K*G + P]
+    tok_ok = jnp.concatenate([shared_tok.reshape(R, -1), tok_ok], axis=1)  # [R, n]
   kk = k_pool[slots].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(R, h_kv, -1, d)
   vv = v_pool[slots].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(R, h_kv, -1, d)
   qq = q.astype(jnp.float32).reshape(R, h_kv, g, d)
@@ -67,14 +70,14 @@ def _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items, ro
 
 @functools.partial(
     jax.jit,
-    static_argnames=("partial_capacity", "impl", "sm_scale", "item_rows_capacity", "block_m",
-                     "num_warps", "num_stages"))
+    static_argnames=("impl", "sm_scale", "item_rows_capacity", "chunk_first_config",
+                     "sequence_first_config"))
 def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_private_len,
                      row_items, row_num_items, item_chunks, item_num_chunks, item_row_begin,
-                     item_row_end, item_partial_offset, length_delta=0, partial_capacity: int,
-                     impl: str = "xla", sm_scale: float | None = None,
-                     item_rows_capacity: int | None = None, block_m: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2, partials=None):
+                     item_row_end, item_slot, length_delta=0, impl: str = "xla",
+                     sm_scale: float | None = None, item_rows_capacity: int | None = None,
+                     chunk_first_config: ChunkFirstConfig | None = None,
+                     sequence_first_config: SequenceFirstConfig | None = None, partials=None):
   """Decode attention of one query per row over a paged chunk pool, by two-phase partition.
 
   Args:
@@ -82,17 +85,17 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
     k_pool, v_pool: [n_chunks, h_kv, c, d], same dtype as q; h % h_kv == 0.
     num_rows: int32 [] live rows b.
     row_private_chunks: int32 [R, P]; row_private_len: int32 [R] (at plan build time).
-    row_items: int32 [R, K]; row_num_items: int32 [R].
-    item_chunks: int32 [I, G]; item_num_chunks, item_row_begin, item_row_end,
-      item_partial_offset: int32 [I].
+    row_items: int32 [R, K] item at each partial slot of the row; row_num_items: int32 [R].
+    item_chunks: int32 [I, G]; item_num_chunks, item_row_begin, item_row_end, item_slot:
+      int32 [I]. I may be 0 (no shared items).
     length_delta: int32 [] tokens appended to every live row since the plan was built.
-    partial_capacity: Q (static), partial rows.
     impl: "pallas" | "pallas_interpret" | "xla" | "reference".
     sm_scale: score scale (static), default 1/sqrt(d).
     item_rows_capacity: static upper bound on any item's row count (default R); smaller values
       shrink the chunk-first grid ("pallas") and the dense item blocks ("xla").
-    block_m, num_warps, num_stages: Pallas knobs (see `chunk_first`).
-    partials: optional (o, m, l) partial buffers to write into (tests poison them with NaN).
+    chunk_first_config, sequence_first_config: Pallas tuning knobs (static; defaults per shape).
+    partials: optional (o, lse) partial buffers for chunk-first to write into (tests poison
+      them with NaN to show that unwritten entries are never read).
 
   Returns:
     [R, h, d] in q.dtype; spare rows are zeros.
@@ -101,7 +104,6 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
     raise ValueError(f"impl must be one of {IMPLS}: {impl=}")
   pallas = impl.startswith("pallas")
   R, h, h_kv, c, d = _common.check_qkv(q, k_pool, v_pool, pallas=pallas)
-  g = h // h_kv
   num_rows = jnp.asarray(num_rows, jnp.int32)
   length_delta = jnp.asarray(length_delta, jnp.int32)
   for name, x in (("num_rows", num_rows), ("length_delta", length_delta)):
@@ -113,67 +115,94 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
   _common.check_int("row_items", row_items, (R, None))
   _common.check_int("item_chunks", item_chunks, (None, None))
   sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
-  private_len = effective_private_len(num_rows, row_private_len, length_delta)
-  row_num_items = jnp.where(jnp.arange(R) < num_rows, row_num_items, 0).astype(jnp.int32)
+  K = row_items.shape[1]
+  has_items = item_chunks.shape[0] > 0
   if impl == "reference":
+    live = jnp.arange(R) < num_rows
+    private_len = jnp.where(live, row_private_len + length_delta, 0).astype(jnp.int32)
     return _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items,
-                      row_num_items, item_chunks, item_num_chunks, sm_scale)
-  if partials is None:
-    partials = empty_partials(h_kv, g, d, partial_capacity)
-  item_args = (item_chunks, item_num_chunks, item_row_begin, item_row_end, item_partial_offset)
-  row_args = (row_private_chunks, private_len, row_items, row_num_items, item_row_begin,
-              item_partial_offset)
+                      jnp.where(live, row_num_items, 0), item_chunks, item_num_chunks, sm_scale)
+  item_args = (item_chunks, item_num_chunks, item_row_begin, item_row_end, item_slot)
+  row_args = (num_rows, length_delta, row_private_chunks, row_private_len)
   if impl == "xla":
-    partials = chunk_first_reference(q, k_pool, v_pool, *item_args, partials,
-                                     partial_capacity=partial_capacity, sm_scale=sm_scale,
-                                     item_rows_capacity=item_rows_capacity)
-    return sequence_first_reference(q, k_pool, v_pool, *row_args, partials, sm_scale=sm_scale)
+    if has_items:
+      partials = chunk_first_reference(q, k_pool, v_pool, *item_args, partials, items_per_row=K,
+                                       sm_scale=sm_scale, item_rows_capacity=item_rows_capacity)
+    else:
+      partials = _no_partials(R, h_kv, h // h_kv, d)
+      row_num_items = jnp.zeros_like(row_num_items)
+    return sequence_first_reference(q, k_pool, v_pool, *row_args, row_num_items, partials,
+                                     sm_scale=sm_scale)
   interpret = impl == "pallas_interpret"
-  partials = chunk_first(q, k_pool, v_pool, *item_args, partials,
-                         partial_capacity=partial_capacity, sm_scale=sm_scale,
-                         item_rows_capacity=item_rows_capacity, block_m=block_m,
-                         num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-  return sequence_first(q, k_pool, v_pool, *row_args, partials, sm_scale=sm_scale,
-                        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+  if has_items:
+    partials = chunk_first(q, k_pool, v_pool, *item_args, partials, items_per_row=K,
+                           sm_scale=sm_scale, item_rows_capacity=item_rows_capacity,
+                           config=chunk_first_config, interpret=interpret)
+  else:
+    partials = None
+  return sequence_first(q, k_pool, v_pool, *row_args, row_num_items, partials, sm_scale=sm_scale,
+                        config=sequence_first_config, interpret=interpret)
+
+
+def _no_partials(R, h_kv, g, d):
+  gp = _common.partial_heads(g)
+  return (jnp.zeros((R, h_kv, 1, gp, d), jnp.float32), jnp.zeros((R, h_kv, 1, gp), jnp.float32))
 
 
 def validate_plan_arrays(*, num_rows, row_private_chunks, row_private_len, row_items,
                          row_num_items, item_chunks, item_num_chunks, item_row_begin,
-                         item_row_end, item_partial_offset, partial_capacity, n_chunks, chunk_size,
-                         length_delta=0, item_rows_capacity=None) -> None:
-  """Eager value checks (indices in range, consistent items and rows). Raises ValueError."""
+                         item_row_end, item_slot, n_chunks, chunk_size, length_delta=0,
+                         item_rows_capacity=None) -> None:
+  """Eager value checks of a plan (vectorised NumPy). Raises `InvalidPlanError` naming the problem.
+
+  Checks: every slot inside the pool; live rows' private lengths in [0, P * c]; items' chunk
+  counts in [0, G] and row ranges inside the live rows; every (row, slot k < row_num_items) lists a
+  live item that covers the row and sits at slot k (so no item is listed twice and no two items
+  share a partial slot of a row); every row a live item covers lists it.
+  """
   a = {k: np.asarray(v) for k, v in dict(
       row_private_chunks=row_private_chunks, row_private_len=row_private_len, row_items=row_items,
       row_num_items=row_num_items, item_chunks=item_chunks, item_num_chunks=item_num_chunks,
-      item_row_begin=item_row_begin, item_row_end=item_row_end,
-      item_partial_offset=item_partial_offset).items()}
+      item_row_begin=item_row_begin, item_row_end=item_row_end, item_slot=item_slot).items()}
   b = int(num_rows)
   R, P = a["row_private_chunks"].shape
   I, G = a["item_chunks"].shape
   K = a["row_items"].shape[1]
   if not 0 <= b <= R:
-    raise ValueError(f"num_rows out of range: {b=} {R=}")
+    raise InvalidPlanError(f"num_rows outside [0, {R}]: {b}")
   for name in ("row_private_chunks", "item_chunks"):
-    if a[name].min(initial=0) < 0 or a[name].max(initial=0) >= n_chunks:
-      raise ValueError(f"{name} holds slots outside [0, {n_chunks})")
-  plen = a["row_private_len"][:b] + int(length_delta)
+    x = a[name]
+    if x.size and (x.min() < 0 or x.max() >= n_chunks):
+      bad = x[(x < 0) | (x >= n_chunks)][0]
+      raise InvalidPlanError(f"{name} holds pool slot {bad} outside [0, {n_chunks})")
+  plen = a["row_private_len"][:b].astype(np.int64) + int(length_delta)
   if (plen < 0).any() or (plen > P * chunk_size).any():
-    raise ValueError(f"private lengths outside [0, P*c]: {plen=}")
+    r = int(np.flatnonzero((plen < 0) | (plen > P * chunk_size))[0])
+    raise InvalidPlanError(f"row {r}: private length {plen[r]} outside [0, P*c = {P * chunk_size}]")
   n = a["item_num_chunks"]
   if (n < 0).any() or (n > G).any():
-    raise ValueError(f"item_num_chunks outside [0, G]: {n=}")
+    raise InvalidPlanError(f"item_num_chunks outside [0, G = {G}]: {n[(n < 0) | (n > G)][:4]}")
   live = n > 0
-  beg, end, off = a["item_row_begin"], a["item_row_end"], a["item_partial_offset"]
-  if (live & ((beg < 0) | (end > b) | (beg >= end))).any():
-    raise ValueError("live item with an empty or out-of-range row range")
-  if (live & ((off < 0) | (off + end - beg > partial_capacity))).any():
-    raise ValueError("live item's partial rows exceed partial_capacity")
+  beg, end, slot = a["item_row_begin"], a["item_row_end"], a["item_slot"]
+  bad = live & ((beg < 0) | (end > b) | (beg >= end) | (slot < 0) | (slot >= K))
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise InvalidPlanError(f"item {i}: rows [{beg[i]}, {end[i]}) or slot {slot[i]} outside "
+                           f"the live rows [0, {b}) / slots [0, {K})")
   if item_rows_capacity is not None and (live & (end - beg > item_rows_capacity)).any():
-    raise ValueError(f"a live item has more rows than {item_rows_capacity=}")
+    raise InvalidPlanError(f"a live item has more rows than {item_rows_capacity=}")
   nk = a["row_num_items"][:b]
   if (nk < 0).any() or (nk > K).any():
-    raise ValueError(f"row_num_items outside [0, K]: {nk=}")
-  for r in range(b):
-    for i in a["row_items"][r, :nk[r]]:
-      if not (0 <= i < I and live[i] and beg[i] <= r < end[i]):
-        raise ValueError(f"row {r} lists item {i} that does not cover it")
+    raise InvalidPlanError(f"row_num_items outside [0, K = {K}]: {nk[(nk < 0) | (nk > K)][:4]}")
+  rr, kk = np.nonzero(np.arange(K)[None, :] < nk[:, None])  # listed (row, slot) pairs
+  items = a["row_items"][rr, kk]
+  ok = (items >= 0) & (items < I)
+  it = np.where(ok, items, 0)
+  if I:
+    ok &= live[it] & (beg[it] <= rr) & (rr < end[it]) & (slot[it] == kk)
+  if not ok.all():
+    x = int(np.flatnonzero(~ok)[0])
+    raise InvalidPlanError(f"row {rr[x]} lists item {items[x]} at slot {kk[x]}, which is not a "
+                           f"live item covering that row at that slot")
+  if len(rr) != int((end - beg)[live].sum()):
+    raise InvalidPlanError("a live item is not listed by every row it covers")
