@@ -46,7 +46,7 @@ from chunkattn_jax import kv_pool as kv_pool_lib
 from chunkattn_jax import layers
 from chunkattn_jax import sampling as sampling_lib
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError
-from chunkattn_jax.plan import PlanBuilder, bucket
+from chunkattn_jax.plan import GpuFill, PlanBuilder, bucket, pad_plan, plan_capacities
 from chunkattn_jax.prefix_tree import PrefixTree
 
 
@@ -64,12 +64,14 @@ class EngineConfig:
     policy: optional per-run sharing decision `policy(num_rows, num_chunks) -> bool` replacing
       the threshold, e.g. `sharing_policy.CostModelPolicy.for_shapes(...)` on a GPU.
     max_chunks_per_item: `G` of the plan.
+    fill: how far `build_plan` splits shared runs (`plan.GpuFill`); default: the policy's, else
+      two chunk-first programs per SM of an H100 for the model's head counts.
     min_row_capacity: smallest plan row capacity `R`.
     cache_prefixes: keep finished requests' full chunks cached (evicted LRU when space is needed).
     min_prefill_tokens: smallest prefill token bucket (prefill lengths are padded to powers of two).
     kv_dtype: pool dtype (None: the model's compute dtype).
-    min_plan_capacities: smallest decode-plan capacities `(R, P, K, I, Q, M)` (powers of two;
-      M = `item_rows_capacity`; 0 or missing: no minimum). The engine pads every plan up to the largest capacities seen so far, so the decode
+    min_plan_capacities: smallest decode-plan capacities `(R, P, K, I, M)` (powers of two, see
+      `plan.plan_capacities`; 0 or missing: no minimum). The engine pads every plan up to the largest capacities seen so far, so the decode
       step compiles once per new maximum; benchmarks set this from a warm-up engine's
       `plan_capacities` so the timed run never compiles.
     record_logits: keep each generated token's logits (float32 numpy, for tests).
@@ -82,6 +84,7 @@ class EngineConfig:
   threshold: int = 1
   policy: Callable[[int, int], bool] | None = None
   max_chunks_per_item: int = 16
+  fill: GpuFill | None = None
   min_row_capacity: int = 8
   cache_prefixes: bool = True
   min_prefill_tokens: int = 16
@@ -147,8 +150,11 @@ class Engine:
     self.vocab_size = model.config.vocab_size
     self.max_context = model.config.max_position_embeddings
     self.tree = PrefixTree(ChunkPool(config.n_chunks, seed=config.pool_seed), config.chunk_size)
+    fill = config.fill or getattr(config.policy, "fill", None) or GpuFill(
+        num_kv_heads=model.config.num_kv_heads,
+        group_size=model.config.num_heads // model.config.num_kv_heads)
     self.plans = PlanBuilder(self.tree, threshold=config.threshold, policy=config.policy,
-                             max_chunks_per_item=config.max_chunks_per_item,
+                             max_chunks_per_item=config.max_chunks_per_item, fill=fill,
                              min_row_capacity=config.min_row_capacity)
     if pool_sharding is None and getattr(model, "mesh", None) is not None:
       from chunkattn_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
@@ -274,7 +280,7 @@ class Engine:
 
   @property
   def plan_capacities(self) -> tuple:
-    """The largest decode-plan capacities `(R, P, K, I, Q, M)` used so far."""
+    """The largest decode-plan capacities `(R, P, K, I, M)` used so far."""
     return self._plan_caps
 
   def kv_bytes_in_use(self) -> int:
@@ -442,27 +448,10 @@ class Engine:
   def _pad_plan(self, plan):
     """Pads the plan's capacities up to their high-water marks (never shrinking), so the jitted
     step recompiles only when a capacity exceeds every earlier one. Spare entries are inert."""
-    caps = (plan.row_capacity, plan.row_private_chunks.shape[1], plan.row_items.shape[1],
-            plan.item_capacity, plan.partial_capacity, plan.item_rows_capacity)
+    caps = plan_capacities(plan)
     prev = tuple(self._plan_caps) + (0,) * (len(caps) - len(self._plan_caps))
-    hw = self._plan_caps = tuple(max(a, b) for a, b in zip(caps, prev))
-    if hw == caps:
-      return plan
-    r, p_, k, i, q, m = hw
-    def pad(a, shape, fill=0):
-      out = np.full(shape, fill, np.int32)
-      out[tuple(slice(0, n) for n in a.shape)] = a
-      return out
-    return dataclasses.replace(
-        plan, row_seq_ids=pad(plan.row_seq_ids, (r,), -1),
-        row_private_chunks=pad(plan.row_private_chunks, (r, p_)),
-        row_private_len=pad(plan.row_private_len, (r,)),
-        row_items=pad(plan.row_items, (r, k)), row_num_items=pad(plan.row_num_items, (r,)),
-        item_chunks=pad(plan.item_chunks, (i, plan.item_chunks.shape[1])),
-        item_num_chunks=pad(plan.item_num_chunks, (i,)),
-        item_row_begin=pad(plan.item_row_begin, (i,)), item_row_end=pad(plan.item_row_end, (i,)),
-        item_partial_offset=pad(plan.item_partial_offset, (i,)), partial_capacity=q,
-        item_rows_capacity=m)
+    self._plan_caps = tuple(max(a, b) for a, b in zip(caps, prev))
+    return pad_plan(plan, self._plan_caps)
 
   def _append_pending(self) -> dict[int, np.ndarray]:
     """Appends every running request's last sampled token to the tree; returns {rid: slot [2]}.

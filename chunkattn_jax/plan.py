@@ -83,12 +83,34 @@ class DecodePlan:
     return np.asarray([index[int(s)] for s in seq_ids], np.int32)
 
 
-def items_to_fill_gpu(num_kv_heads: int, *, num_sms: int = 132, programs_per_sm: int = 2) -> int:
-  """`min_items` for `build_plan`: shared items whose chunk-first programs (one per item and KV
-  head) give every SM `programs_per_sm` programs of work (132 SMs: H100 SXM; H200: 132)."""
-  if num_kv_heads < 1 or num_sms < 1 or programs_per_sm < 1:
-    raise ValueError(f"arguments must be >= 1: {num_kv_heads=} {num_sms=} {programs_per_sm=}")
-  return -(-programs_per_sm * num_sms // num_kv_heads)
+@dataclasses.dataclass(frozen=True)
+class GpuFill:
+  """How many chunk-first programs fill the GPU, and how many programs one shared item gets.
+
+  The chunk-first pass runs one program per (item, KV head, block of `block_m` query rows), so an
+  item covering `rows` rows gets `num_kv_heads * ceil(rows * group_size / block_m)` programs.
+  `build_plan(fill=...)` splits shared runs until the plan has `programs_per_sm * num_sms`
+  programs (where it has enough shared chunks). Defaults: an H100 SXM (132 SMs; the H200 too).
+  """
+
+  num_kv_heads: int
+  group_size: int = 1
+  block_m: int = 64
+  num_sms: int = 132
+  programs_per_sm: int = 2
+
+  def __post_init__(self):
+    for name in ("num_kv_heads", "group_size", "block_m", "num_sms", "programs_per_sm"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"GpuFill.{name} must be an int >= 1: {v!r}")
+
+  @property
+  def min_programs(self) -> int:
+    return self.programs_per_sm * self.num_sms
+
+  def programs_per_item(self, num_rows: int) -> int:
+    return self.num_kv_heads * -(-num_rows * self.group_size // self.block_m)
 
 
 def split_run(num_chunks: int, num_pieces: int) -> list[int]:
@@ -98,7 +120,7 @@ def split_run(num_chunks: int, num_pieces: int) -> list[int]:
 
 
 def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | None = None,
-               max_chunks_per_item: int = 16, min_items: int = 1,
+               max_chunks_per_item: int = 16, fill: GpuFill | None = None,
                min_row_capacity: int = MIN_ROW_CAPACITY) -> DecodePlan:
   """Flattens `tree` into a DecodePlan.
 
@@ -109,9 +131,10 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
     policy: optional `policy(num_rows, num_chunks) -> bool` deciding per run of chunks.
     max_chunks_per_item: `G`, the most chunks one shared work item (one chunk-first program per KV
       head) covers; a power of two.
-    min_items: split shared runs into at least this many items in total (where there are that
-      many shared chunks), each run in proportion to its length, so the chunk-first pass has
-      enough programs to fill the GPU (`items_to_fill_gpu`). 1 = cut runs only at G chunks.
+    fill: split shared runs (each in proportion to its share of the chunk-first work) until the
+      chunk-first pass has `fill.min_programs` programs, where there are enough shared chunks.
+      Default: the policy's `fill` attribute if it has one (`CostModelPolicy` does); without
+      one, runs are cut only at G chunks.
     min_row_capacity: the smallest row capacity `R`.
 
   Returns:
@@ -124,8 +147,10 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
   if (isinstance(g_cap, bool) or not isinstance(g_cap, (int, np.integer)) or g_cap < 1
       or g_cap & (g_cap - 1)):
     raise ValueError(f"max_chunks_per_item must be a power of two >= 1: {max_chunks_per_item=}")
-  if isinstance(min_items, bool) or not isinstance(min_items, (int, np.integer)) or min_items < 1:
-    raise ValueError(f"min_items must be an int >= 1: {min_items=}")
+  if fill is None:
+    fill = getattr(policy, "fill", None)
+  if fill is not None and not isinstance(fill, GpuFill):
+    raise ValueError(f"fill must be a GpuFill: {fill!r}")
   c = tree.chunk_size
 
   def shared(count: int, run_len: int) -> bool:
@@ -189,17 +214,22 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       row_run.append(run_stack[-1] if run_stack else -1)
       row_shared_chunks.append(n_shared)
 
-  # Cut every run into items: at most G chunks each, and in proportion to its length so that the
-  # plan has >= min_items items when there are that many shared chunks. An item's slot (its
-  # position in the item list of each row it covers) is the same for all its rows.
-  total = sum(len(slots) for slots, *_ in runs)
+  # Cut every run into items: at most G chunks each, and (with `fill`) into
+  # ceil(min_programs * L / W) pieces, W = sum over runs of L * programs_per_item(rows): every
+  # run's share of the programs follows its share of the work, and the plan reaches min_programs
+  # programs where it has the chunks. An item's slot (its position in the item list of each row
+  # it covers) is the same for all its rows.
+  work = sum(len(slots) * fill.programs_per_item(end - begin)
+             for slots, begin, end, _ in runs) if fill else 0
   items: list = []  # (slots, begin, end, slot)
   run_first_item: list[int] = []
   run_num_items: list[int] = []
   run_end_slot: list[int] = []  # slots used by the run and its ancestors
   for slots, begin, end, parent in runs:
     n = len(slots)
-    pieces = min(n, max(-(-n // g_cap), -(-min_items * n // total)))
+    pieces = -(-n // g_cap)
+    if fill:
+      pieces = min(n, max(pieces, -(-fill.min_programs * n // work)))
     first_slot = run_end_slot[parent] if parent >= 0 else 0
     run_first_item.append(len(items))
     run_num_items.append(pieces)
@@ -250,6 +280,43 @@ def build_plan(tree: PrefixTree, *, threshold: int = 1, policy: SharingPolicy | 
       item_num_chunks=item_num_chunks, item_row_begin=item_row_begin, item_row_end=item_row_end,
       item_slot=item_slot, length_delta=np.asarray(0, np.int32), chunk_size=c,
       item_rows_capacity=bucket(max((end - begin for _, begin, end, _ in items), default=1)))
+
+
+def plan_capacities(plan: DecodePlan) -> tuple[int, int, int, int, int]:
+  """The plan's capacities `(R, P, K, I, M)`: rows, private chunks per row, items per row, items,
+  `item_rows_capacity`. Two plans with equal capacities (and G) have equal array shapes."""
+  return (plan.row_capacity, plan.row_private_chunks.shape[1], plan.items_per_row,
+          plan.item_capacity, plan.item_rows_capacity)
+
+
+def pad_plan(plan: DecodePlan, capacities) -> DecodePlan:
+  """The same plan with capacities raised to `capacities` `(R, P, K, I, M)` (each entry at least
+  the plan's own; powers of two; shorter tuples leave the rest as they are). Spare entries are
+  inert (spare rows, spare items, unused slots), so attention over the padded plan is unchanged;
+  a jitted step over padded plans recompiles only when a capacity exceeds every earlier one."""
+  have = plan_capacities(plan)
+  want = tuple(capacities) + have[len(tuple(capacities)):]
+  for name, a, b in zip(("R", "P", "K", "I", "M"), have, want):
+    if b < a or not (b == 0 or b & (b - 1) == 0):
+      raise ValueError(f"capacity {name}={b} must be a power of two >= the plan's {a}")
+  if want == have:
+    return plan
+  r, p, k, i, m = want
+
+  def pad(a, shape, fill=0):
+    out = np.full(shape, fill, np.int32)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+  return dataclasses.replace(
+      plan, row_seq_ids=pad(plan.row_seq_ids, (r,), -1),
+      row_private_chunks=pad(plan.row_private_chunks, (r, p)),
+      row_private_len=pad(plan.row_private_len, (r,)),
+      row_items=pad(plan.row_items, (r, k)), row_num_items=pad(plan.row_num_items, (r,)),
+      item_chunks=pad(plan.item_chunks, (i, plan.item_chunks.shape[1])),
+      item_num_chunks=pad(plan.item_num_chunks, (i,)),
+      item_row_begin=pad(plan.item_row_begin, (i,)), item_row_end=pad(plan.item_row_end, (i,)),
+      item_slot=pad(plan.item_slot, (i,)), item_rows_capacity=m)
 
 
 class PlanBuilder:

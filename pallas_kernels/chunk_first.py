@@ -39,11 +39,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _common
 from pallas_kernels._common import NEG
 
-# Shared memory the K/V ring may use (the H100's opt-in limit is 227 KiB; the rest is left for
-# the compiler's q operand, reduction and layout-conversion scratch).
-SMEM_BUDGET = 160 * 1024
-
-
 @dataclasses.dataclass(frozen=True)
 class ChunkFirstConfig:
   """Tuning knobs of the chunk-first kernel (static; hashable).
@@ -74,13 +69,16 @@ class ChunkFirstConfig:
 
   @classmethod
   def default(cls, *, d: int, c: int, dtype) -> "ChunkFirstConfig":
-    """Heuristic: whole chunks per tile unless the K/V ring would not fit shared memory."""
-    itemsize = jnp.dtype(dtype).itemsize
-    stages = 4
-    block_n = min(c, 64)
-    while block_n > 16 and (stages - 1) * 2 * block_n * d * itemsize > SMEM_BUDGET:
-      block_n //= 2
-    return cls(block_m=64, block_n=block_n, num_warps=4, num_stages=stages)
+    """Heuristic, from the sm_90a resource table (docs/kernels.md).
+
+    16-bit inputs: 64-row blocks (one warpgroup MMA, wgmma), 32-token tiles (16 at d = 256) and
+    4 stages, so the K/V ring and q take ~80 KB: two programs per SM. fp32 runs its products on
+    CUDA cores at full precision (tensor cores would round to TF32); large blocks would spill, so
+    16 x 16 blocks.
+    """
+    if jnp.dtype(dtype).itemsize > 2:
+      return cls(block_m=16, block_n=min(c, 16), num_warps=4, num_stages=4)
+    return cls(block_m=64, block_n=min(c, 32 if d <= 128 else 16), num_warps=4, num_stages=4)
 
 
 # --------------------------------------------------------------------------------------------

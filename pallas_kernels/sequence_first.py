@@ -49,13 +49,15 @@ class SequenceFirstConfig:
   Attributes:
     block_n: tokens per K/V tile; a power of two dividing the chunk size, >= 16.
     num_warps: warps per program.
-    num_stages: software-pipeline depth of the K/V tile loop (tiles in flight = num_stages - 1).
+    num_stages: software-pipeline depth of the tensor-core tile loop (tiles in flight while one
+      is computed = num_stages - 2). The CUDA-core loop prefetches two tiles by hand instead
+      (the compiler pipelines only loads that feed a dot) and ignores it.
     cuda_core: compute private scores on CUDA cores (default: iff g <= CUDA_CORE_MAX_GROUP).
   """
 
   block_n: int = 32
   num_warps: int = 4
-  num_stages: int = 3
+  num_stages: int = 4
   cuda_core: bool | None = None
 
   def __post_init__(self):
@@ -68,14 +70,23 @@ class SequenceFirstConfig:
 
   @classmethod
   def default(cls, *, d: int, c: int, g: int, dtype) -> "SequenceFirstConfig":
-    """Heuristic: CUDA-core tiles of ~4K elements per accumulator; MMA tiles of whole chunks."""
-    del dtype
-    cuda_core = g <= CUDA_CORE_MAX_GROUP
-    if cuda_core:
-      block_n = max(16, min(c, 4096 // (d * g)))
-    else:
-      block_n = min(c, 64)
-    return cls(block_n=block_n, num_warps=4, num_stages=3, cuda_core=cuda_core)
+    """Heuristic, from the sm_90a resource table (docs/kernels.md).
+
+    CUDA cores (g <= 2): 4 warps (8 for fp32 at d = 256), tiles of ~4K 16-bit (2K fp32) elements
+    per head accumulator. Tensor cores: one warp per program where a [16, d] fp32 accumulator
+    fits its registers (16-bit inputs, d <= 128), so row max and sum never leave the warp (with
+    more warps a 16-row MMA splits a tile's columns across warps and every row statistic needs a
+    shared-memory round trip); otherwise 4 warps. 4 stages = 2 tiles in flight.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    if g <= CUDA_CORE_MAX_GROUP:
+      elems = 4096 if itemsize <= 2 else 2048
+      return cls(block_n=max(16, min(c, elems // (d * g))),
+                 num_warps=8 if (itemsize == 4 and d >= 256) else 4, num_stages=1,
+                 cuda_core=True)
+    one_warp = d <= (128 if itemsize <= 2 else 64)
+    return cls(block_n=min(c, 32 if d <= 64 else 16), num_warps=1 if one_warp else 4,
+               num_stages=4, cuda_core=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +207,13 @@ def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, rows, h, h_
 
 
 def _stack_heads(xs):
-  """[x_0, ...] -> stacked along a new leading axis (Triton stacks only pairs)."""
-  return jnp.reshape(xs[0], (1, *xs[0].shape)) if len(xs) == 1 else jnp.stack(xs)
+  """[x_0, ..., x_{n-1}] (scalars or vectors) -> [n, ...] by broadcasting and selects (the Triton
+  lowering stacks only pairs of tensors, only along the last axis, and no scalars)."""
+  idx = jnp.arange(len(xs)).reshape((len(xs),) + (1,) * jnp.ndim(xs[0]))
+  out = jnp.broadcast_to(xs[0], idx.shape[:1] + jnp.shape(xs[0]))
+  for k, x in enumerate(xs[1:], 1):
+    out = jnp.where(idx == k, x, out)
+  return out
 
 
 def _sequence_first_kernel(
@@ -243,27 +259,35 @@ def _sequence_first_kernel(
     o, m, l = _private_mma(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, g=g,
                            rows=rows, precision=_common.dot_precision(q_ref.dtype), **kw)
 
-  # Merge partial slots [0, num_items), `block_k` at a time: the addresses depend only on (r, j).
+  # Merge partial slots [0, num_items), `block_k` at a time; the addresses depend only on (r, j).
+  # Like the private lanes above, each of the block's slot lanes keeps its own running max/sum,
+  # so the loop is element-wise (no cross-warp reduction, no barrier) and lanes are merged once.
   block_k = max(1, min(K, MERGE_BLOCK_ELEMS // (rows * d)))
   gi = jnp.arange(rows)
   head_ok = gi < gp
 
   def merge(n, carry):
-    o, m, l = carry
+    o_k, m_k, l_k = carry  # [block_k, rows, d], [block_k, rows], [block_k, rows]
     k = n * block_k + jnp.arange(block_k)  # [block_k]
     ok = (k < num_items)[:, None] & head_ok[None, :]  # [block_k, rows]
     idx = ((r * h_kv + j) * K + k[:, None]) * gp + gi[None, :]  # [block_k, rows]
     lse = plgpu.load(plse_ref.at[idx], mask=ok, other=NEG)
     op = plgpu.load(po_ref.at[idx[:, :, None], jnp.arange(d)[None, None, :]], mask=ok[:, :, None],
                     other=0.0)  # [block_k, rows, d]
-    m_new = jnp.maximum(m, lse.max(axis=0))
-    alpha = jnp.exp(m - m_new)
-    w = jnp.where(ok, jnp.exp(lse - m_new[None, :]), 0.0)  # [block_k, rows]
-    return (alpha[:, None] * o + (w[:, :, None] * op).sum(axis=0), m_new,
-            alpha * l + w.sum(axis=0))
+    m_new = jnp.maximum(m_k, lse)
+    alpha = jnp.exp(m_k - m_new)
+    w = jnp.where(ok, jnp.exp(lse - m_new), 0.0)
+    return alpha[..., None] * o_k + w[..., None] * op, m_new, alpha * l_k + w
 
   if K:
-    o, m, l = lax.fori_loop(0, pl.cdiv(num_items, block_k), merge, (o, m, l))
+    lanes = (jnp.zeros((block_k, rows, d), jnp.float32),
+             jnp.full((block_k, rows), NEG, jnp.float32), jnp.zeros((block_k, rows), jnp.float32))
+    o_k, m_k, l_k = lax.fori_loop(0, pl.cdiv(num_items, block_k), merge, lanes)
+    m_all = jnp.maximum(m, m_k.max(axis=0))
+    alpha = jnp.exp(m - m_all)
+    beta = jnp.exp(m_k - m_all[None, :])  # [block_k, rows]
+    o = alpha[:, None] * o + (beta[..., None] * o_k).sum(axis=0)
+    l = alpha * l + (beta * l_k).sum(axis=0)
   out = jnp.where((l > 0.0)[:, None], o / jnp.where(l > 0.0, l, 1.0)[:, None], 0.0)
   plgpu.store(out_ref.at[(r * h + j * g + gi)[:, None], jnp.arange(d)[None, :]],
               out.astype(out_ref.dtype), mask=(gi < g)[:, None])

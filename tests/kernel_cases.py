@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkattn_jax.chunk_pool import ChunkPool
-from chunkattn_jax.plan import PlanBuilder
+from chunkattn_jax.plan import GpuFill, PlanBuilder
 from chunkattn_jax.prefix_tree import PrefixTree
 from dense_oracle import dense_attention, sequence_kv
 from pallas_kernels import empty_partials
@@ -17,7 +17,13 @@ from pallas_kernels import empty_partials
 # against an fp64 dense attention of the same (rounded) inputs. bf16/fp16 error comes from the
 # probabilities being rounded to the input dtype before the P.V product (fp32 accumulation).
 TOL = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
-GQA = {1: (2, 2), 4: (8, 2), 8: (8, 1)}  # g -> (h, h_kv)
+GQA = {1: (2, 2), 2: (4, 2), 4: (8, 2), 8: (8, 1)}  # g -> (h, h_kv)
+
+
+def split(programs: int) -> dict:
+  """Plan kwargs that split shared runs until the chunk-first pass has `programs` programs per KV
+  head (at these test sizes every item has one row block, so about that many items)."""
+  return dict(fill=GpuFill(num_kv_heads=1, num_sms=programs, programs_per_sm=1))
 
 
 @dataclasses.dataclass
@@ -103,6 +109,7 @@ def check_against_dense(case, out, dtype):
 
 
 def poisoned_partials(case):
-  h, d = case.q.shape[1:]
+  """NaN-filled partial buffers for the case's plan: entries no live item writes stay NaN."""
+  R, h, d = case.q.shape
   h_kv = case.k_pool.shape[1]
-  return empty_partials(h_kv, h // h_kv, d, case.plan.partial_capacity, fill=jnp.nan)
+  return empty_partials(R, h_kv, h // h_kv, d, case.plan.items_per_row, fill=jnp.nan)

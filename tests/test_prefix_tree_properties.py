@@ -10,7 +10,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError
-from chunkattn_jax.plan import build_plan
+from chunkattn_jax.plan import GpuFill, build_plan
 from chunkattn_jax.prefix_tree import PrefixTree
 
 
@@ -93,8 +93,8 @@ class Model:
     return [t for cid in self.seqs[seq_id] for t in self.chunk_tokens[cid]]
 
 
-def check_plan(tree, threshold, g):
-  plan = build_plan(tree, threshold=threshold, max_chunks_per_item=g)
+def check_plan(tree, threshold, g, fill=None):
+  plan = build_plan(tree, threshold=threshold, max_chunks_per_item=g, fill=fill)
   c = tree.chunk_size
   ids = tree.seq_ids()
   b = len(ids)
@@ -107,7 +107,7 @@ def check_plan(tree, threshold, g):
       users.setdefault(slot, []).append(r)
   for slot, rows in users.items():  # depth-first order: the users of any chunk are contiguous
     assert rows == list(range(rows[0], rows[0] + len(rows)))
-  offsets = []
+  covered = {}
   for i in range(plan.item_capacity):
     n = plan.item_num_chunks[i]
     if n == 0:
@@ -117,13 +117,12 @@ def check_plan(tree, threshold, g):
     for slot in chunks:
       assert users[slot] == list(range(begin, end)), "item rows != rows using the chunk"
       assert len(users[slot]) > threshold
-    offsets.append((int(plan.item_partial_offset[i]), end - begin))
-  offsets.sort()
-  pos = 0
-  for off, size in offsets:  # partial ranges tile [0, total) without overlap
-    assert off == pos
-    pos += size
-  assert pos <= plan.partial_capacity
+    for r in range(begin, end):  # every covered row lists the item at the item's slot
+      k = int(plan.item_slot[i])
+      assert k < plan.row_num_items[r] and plan.row_items[r, k] == i
+      assert (r, k) not in covered, "two items share a partial slot of a row"
+      covered[(r, k)] = i
+  assert len(covered) == int(plan.row_num_items[:b].sum())
   lengths = plan.private_lengths()
   for r, (sid, path) in enumerate(zip(ids, paths)):
     items = plan.row_items[r, :plan.row_num_items[r]]
@@ -205,6 +204,8 @@ def test_random_operations_match_brute_force_model(data, c, capacity, seed):
       assert tree.chunk_path(sid) == [model.slot_of[cid] for cid in path]
     check_plan(tree, threshold=1, g=data.draw(st.sampled_from([1, 2, 16])))
     check_plan(tree, threshold=data.draw(st.integers(1, 4)), g=2)
+    check_plan(tree, threshold=1, g=16, fill=GpuFill(
+        num_kv_heads=data.draw(st.integers(1, 8)), num_sms=data.draw(st.integers(1, 40))))
 
 
 @settings(max_examples=40, deadline=None)

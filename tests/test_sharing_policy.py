@@ -27,7 +27,7 @@ def test_monotone_in_sharing_degree_and_run_length():
 def test_gqa_needs_more_sharing():
   """Same KV bytes, g times more partial traffic: the break-even sharing degree does not drop."""
   def break_even(g):
-    p = CostModelPolicy(group_size=g, num_kv_heads=1, overhead_us=0.0)
+    p = CostModelPolicy(group_size=g, num_kv_heads=1, overhead_us=0.0, num_sms=1)
     return next(r for r in range(2, 10_000) if p(r, 2))
   assert break_even(1) <= break_even(8) <= break_even(32)
   assert break_even(1) < break_even(32)
@@ -64,10 +64,36 @@ def test_frozen_hashable_and_usable_by_build_plan(rng):
   plan_none = build_plan(tree, policy=CostModelPolicy(threshold=10_000))
   plan_model = build_plan(tree, policy=p)
   assert plan_none.num_shared_items() == 0
-  assert plan_model.num_shared_items() <= plan_all.num_shared_items()
+  shared_chunks = lambda plan: int(np.asarray(plan.item_num_chunks).sum())
+  assert shared_chunks(plan_model) <= shared_chunks(plan_all)
   # Tiny test shapes (d = 64, h_kv = 2): a cost model with zero overhead shares the big runs.
   plan_free = build_plan(tree, policy=CostModelPolicy.for_shapes(
       num_heads=8, num_kv_heads=2, head_dim=64, chunk_size=16, overhead_us=0.0,
       sm_bandwidth_ratio=1e6))
   assert plan_free.num_shared_items() > 0
   assert np.asarray(plan_free.item_num_chunks).sum() > 0
+
+
+def test_split_pieces_and_their_partial_traffic():
+  """Table 3 at full sharing: h_kv = 32, 32 rows -> 32 programs per item, 9 items for 264; each
+  piece costs one partial (d + 1 floats) per row and query head, written and read back."""
+  p = CostModelPolicy()
+  assert p.fill.min_programs == 264 and p.fill.programs_per_item(32) == 32
+  assert p.pieces(32, 16) == 9 and p.pieces(32, 64) == 9 and p.pieces(32, 4) == 4
+  assert p.pieces(32, 400) == 25  # G = 16 chunks per item at most
+  t_chunk, t_seq = p.estimate_us(32, 16)
+  bw = p.bandwidth_gbps * 1e3
+  partial = 2 * 32 * 1 * 32 * 129 * 4 * 9 / bw
+  kv = 32 * 2 * 16 * 64 * 128 * 2 / bw
+  assert t_chunk == pytest.approx(max(kv, 2 * 2 * 64 * 128 * 2 / (p.sm_bandwidth_ratio * bw / 132))
+                                  + partial + p.overhead_us)
+  assert t_seq == pytest.approx(32 * kv)
+
+
+def test_build_plan_takes_the_policys_fill():
+  from chunkattn_jax.prefix_tree import PrefixTree
+  t = PrefixTree(2048, 64)
+  for _ in range(32):
+    t.insert(list(range(1024)))
+  plan = build_plan(t, policy=CostModelPolicy())
+  assert plan.num_shared_items() == 9  # 9 items x 32 KV heads = 288 >= 264 programs

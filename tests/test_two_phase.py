@@ -1,5 +1,7 @@
 """Two-phase decode attention: every implementation against an independent fp32 dense attention."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,9 @@ from chunkattn_jax.plan import build_plan
 from chunkattn_jax.prefix_tree import PrefixTree
 from chunkattn_jax.sharing_policy import CostModelPolicy
 from dense_oracle import dense_attention, sequence_kv
-from kernel_cases import (TOL, check_against_dense, dense_rows, make_case, poisoned_partials)
-from pallas_kernels import two_phase_decode, validate_plan_arrays
+from kernel_cases import (TOL, check_against_dense, dense_rows, make_case, poisoned_partials,
+                          split)
+from pallas_kernels import InvalidPlanError, two_phase_decode, validate_plan_arrays
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("g", [1, 4, 8])
@@ -25,9 +28,11 @@ def test_xla_and_reference_match_dense(rng, impl, g, dtype):
   check_against_dense(case, out, dtype)
 
 
-@pytest.mark.parametrize("g,dtype", [(1, jnp.float32), (4, jnp.bfloat16), (8, jnp.float16)])
+@pytest.mark.parametrize("g,dtype", [(1, jnp.float32), (2, jnp.float16), (4, jnp.bfloat16),
+                                     (8, jnp.float16)])
 def test_pallas_interpret_matches_dense_and_xla(rng, g, dtype):
-  case = make_case(rng, g=g, dtype=dtype, seed=10 + g, append=1, length_delta=2)
+  case = make_case(rng, g=g, dtype=dtype, seed=10 + g, append=1, length_delta=2,
+                   plan_kwargs_=split(8))
   assert int(case.plan.length_delta) == 2
   kw = dict(**plan_kwargs(case.plan))
   out = two_phase_decode(case.q, case.k_pool, case.v_pool, **kw, impl="pallas_interpret",
@@ -92,18 +97,56 @@ def test_custom_sm_scale(rng):
 
 
 def test_plan_arrays_validate(rng):
-  case = make_case(rng, g=1, seed=8)
+  case = make_case(rng, g=1, seed=8, plan_kwargs_=split(6))
   p = case.plan
   kw = dict(plan_kwargs(p), n_chunks=case.k_pool.shape[0], chunk_size=p.chunk_size)
   validate_plan_arrays(**kw)
-  bad = p.item_row_end.copy()
-  bad[0] = int(p.num_rows) + 1
-  with pytest.raises(ValueError, match="row range"):
-    validate_plan_arrays(**dict(kw, item_row_end=bad))
-  bad = p.row_private_chunks.copy()
-  bad[0, 0] = case.k_pool.shape[0]
-  with pytest.raises(ValueError, match="row_private_chunks"):
-    validate_plan_arrays(**dict(kw, row_private_chunks=bad))
+
+  def rejects(match, **changes):
+    with pytest.raises(InvalidPlanError, match=match):
+      validate_plan_arrays(**dict(kw, **changes))
+
+  def changed(name, fn):
+    x = np.array(getattr(p, name))
+    fn(x)
+    return {name: x}
+
+  b = int(p.num_rows)
+  live = np.flatnonzero(p.item_num_chunks)
+  two = np.flatnonzero(p.row_num_items[:b] >= 2)[0]  # a row covered by two items
+  rejects("outside the live rows", **changed("item_row_end", lambda x: x.__setitem__(live[0], b + 1)))
+  rejects("row_private_chunks holds pool slot", **changed(
+      "row_private_chunks", lambda x: x.__setitem__((0, 0), case.k_pool.shape[0])))
+  rejects("item_chunks holds pool slot -1", **changed(
+      "item_chunks", lambda x: x.__setitem__((live[0], 0), -1)))
+  rejects("private length", **changed("row_private_len", lambda x: x.__setitem__(0, -5)))
+  rejects("num_rows", num_rows=np.int32(p.row_capacity + 1))
+  # The same item listed twice by one row (its second listing sits at the wrong slot).
+  rejects("not a live item covering", **changed(
+      "row_items", lambda x: x.__setitem__((two, 1), x[two, 0])))
+  # Two items sharing one partial slot of a row (overlapping partial rows).
+  i0, i1 = p.row_items[two, 0], p.row_items[two, 1]
+  rejects("not a live item covering", **changed(
+      "item_slot", lambda x: x.__setitem__(i1, x[i0])))
+  # A row that stops listing an item covering it.
+  rejects("not listed by every row", **changed(
+      "row_num_items", lambda x: x.__setitem__(two, x[two] - 1)))
+  rejects("not a live item covering", **changed(
+      "item_num_chunks", lambda x: x.__setitem__(i0, 0)))
+
+
+def test_decode_attention_validates_user_plans(rng):
+  case = make_case(rng, g=1, seed=12)
+  bad = dataclasses.replace(case.plan, row_private_chunks=np.full_like(
+      case.plan.row_private_chunks, case.k_pool.shape[0] + 3))
+  with pytest.raises(InvalidPlanError, match="outside"):
+    decode_attention(case.q, case.k_pool, case.v_pool, bad, impl="xla")
+  # validate=False skips the check (the engine's own plans); XLA then clamps the gathers.
+  out = decode_attention(case.q, case.k_pool, case.v_pool, bad, impl="xla", validate=False)
+  assert out.shape == case.q.shape
+  # Under jit the plan is a tracer: no check, no error.
+  f = jax.jit(lambda q, plan: decode_attention(q, case.k_pool, case.v_pool, plan, impl="xla"))
+  assert f(case.q, bad).shape == case.q.shape
 
 
 def test_trace_time_validation(rng):
