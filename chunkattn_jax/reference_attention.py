@@ -28,16 +28,19 @@ def gather_row_kv(k_pool: jax.Array, v_pool: jax.Array, plan: DecodePlan):
   r_cap, k_cap = plan.row_items.shape
   g_cap = plan.item_chunks.shape[1]
   p_cap = plan.row_private_chunks.shape[1]
-  # Shared part: [R, K, G] chunk slots and validity.
-  shared_chunks = jnp.asarray(plan.item_chunks)[plan.row_items]
-  item_ok = jnp.arange(k_cap)[None, :] < plan.row_num_items[:, None]
-  chunk_ok = jnp.arange(g_cap)[None, None, :] < jnp.asarray(plan.item_num_chunks)[plan.row_items][..., None]
-  shared_ok = (item_ok[..., None] & chunk_ok).reshape(r_cap, k_cap * g_cap)
-  shared_tok_ok = jnp.repeat(shared_ok, c, axis=1)  # shared chunks are full
   # Private part: [R, P] chunk slots; token j of the private list is valid iff j < private length.
-  private_tok_ok = jnp.arange(p_cap * c)[None, :] < plan.private_lengths()[:, None]
-  chunks = jnp.concatenate([shared_chunks.reshape(r_cap, -1), plan.row_private_chunks], axis=1)
-  valid = jnp.concatenate([shared_tok_ok, private_tok_ok], axis=1)
+  chunks = jnp.asarray(plan.row_private_chunks)
+  valid = jnp.arange(p_cap * c)[None, :] < plan.private_lengths()[:, None]
+  if plan.item_capacity:  # shared part: [R, K, G] chunk slots and validity
+    live = jnp.arange(r_cap) < plan.num_rows
+    shared_chunks = jnp.asarray(plan.item_chunks)[plan.row_items]
+    item_ok = (jnp.arange(k_cap)[None, :] < plan.row_num_items[:, None]) & live[:, None]
+    chunk_ok = (jnp.arange(g_cap)[None, None, :]
+                < jnp.asarray(plan.item_num_chunks)[plan.row_items][..., None])
+    shared_ok = (item_ok[..., None] & chunk_ok).reshape(r_cap, k_cap * g_cap)
+    shared_tok_ok = jnp.repeat(shared_ok, c, axis=1)  # shared chunks are full
+    chunks = jnp.concatenate([shared_chunks.reshape(r_cap, -1), chunks], axis=1)
+    valid = jnp.concatenate([shared_tok_ok, valid], axis=1)
 
   def gather(pool):
     x = pool[chunks]  # [R, n_chunks_per_row, h_kv, c, d]

@@ -19,7 +19,7 @@ def get_config():
   config.iters = 10
   config.cpu = ml_collections.ConfigDict(dict(
       batch=4, h=4, h_kv=2, d=64, chunk_size=16, dtype="float32", n_s_values=(128,),
-      n_c_values=(16, 64), samples=2, iters=3, warmup=1, floor_bytes=2 ** 26,
+      n_c_values=(16, 64), samples=2, iters=3, warmup=1, device_calls=2, floor_bytes=2 ** 26,
       policy=ml_collections.ConfigDict(dict(threshold=1))))
   config.summary_columns = ("n_s", "n_c", "impl", "tokens_per_s", "floor_tokens_per_s", "cum_us",
                             "max_abs_err", "note")

@@ -24,14 +24,18 @@ def get_config():
   config.warmup = 2
   config.floor_bytes = 2 ** 31   # read-bandwidth reduction size
   config.policy = ml_collections.ConfigDict()  # CostModelPolicy overrides (e.g. threshold)
-  config.kernel_knobs = ml_collections.ConfigDict()  # block_m, num_warps, num_stages
+  # Kernel knob overrides (pallas_kernels.ChunkFirstConfig / SequenceFirstConfig fields), e.g.
+  # --config.chunk_first_config.block_n=64; empty = the per-shape defaults.
+  config.chunk_first_config = ml_collections.ConfigDict()
+  config.sequence_first_config = ml_collections.ConfigDict()
+  config.device_calls = 20  # calls per jitted program for `device_us`
   config.shrink_on_cpu = True
   config.cpu = ml_collections.ConfigDict(dict(
       batch=4, h=4, h_kv=2, d=64, chunk_size=16, dtype="float32",
-      grid=((128, 0), (128, 64), (128, 128), (256, 128)), iters=5, warmup=1,
+      grid=((128, 0), (128, 64), (128, 128), (256, 128)), iters=5, warmup=1, device_calls=2,
       floor_bytes=2 ** 26,
       # The cost model's constants are GPU ones; on CPU use the paper's rule (share if > 1 row).
       policy=ml_collections.ConfigDict(dict(threshold=1))))
-  config.summary_columns = ("n_p", "n_s", "impl", "us", "floor_us", "floor_ratio", "shared_items",
-                            "max_abs_err", "note")
+  config.summary_columns = ("n_p", "n_s", "impl", "us", "device_us", "floor_us", "floor_ratio",
+                            "shared_items", "max_abs_err", "note")
   return config

@@ -1,7 +1,7 @@
 """Figure 3 of the paper: decode throughput vs completion length n_c.
 
 b rows share an n_s-token prompt, then each decodes n_c distinct tokens. Only the attention call is
-timed: at a sampled step t the cache holds n_s + t tokens per row (t private); the cumulative
+timed (device time per call, `table3.time_device_per_call`): at a sampled step t the cache holds n_s + t tokens per row (t private); the cumulative
 attention time over steps 0..n_c-1 is the trapezoid integral of the sampled per-step times, and the
 throughput is b * n_c / cumulative time. Also the point function of fig4.
 """
@@ -30,7 +30,7 @@ def throughput_points(cfg, *, b: int, n_s: int, n_c: int, bandwidth: float, seed
       per_impl.setdefault(row["impl"], []).append(row)
   out = []
   for impl, rows in per_impl.items():
-    us = [r["us"] for r in rows]
+    us = [r["device_us"] for r in rows]  # device time per call (host dispatch amortised)
     floor = [r["floor_us"] for r in rows]
     row = dict(b=b, n_s=n_s, n_c=n_c, impl=impl, steps_sampled=len(steps), note=rows[0]["note"],
                max_abs_err=None, cum_us=None, tokens_per_s=None, floor_tokens_per_s=None)

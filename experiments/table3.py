@@ -5,6 +5,12 @@ implementation's output is checked against the fp32 reference before it is timed
 unique K/V bytes (the shared prefix once, plus each private part) over a read bandwidth measured in
 the same run with a reduction over `floor_bytes` bytes. Also the shared workload kit of fig3/fig4.
 
+Two times per implementation: `us`, the median wall time of back-to-back blocked calls (what a
+caller dispatching one call at a time sees: host dispatch included), and `device_us`, the median
+wall time of one jitted program that runs `device_calls` calls on distinct queries, divided by
+`device_calls` (host dispatch amortised away: the device's time per call, launches included).
+`floor_ratio` = `floor_us / device_us`.
+
 Implementations (`config.impls`):
   ours           Pallas two-phase kernels, cost-model plan                       (GPU only)
   paged          the same kernels on a plan without shared items (threshold >= b) (GPU only)
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +38,7 @@ from chunkattn_jax.prefix_tree import PrefixTree
 from chunkattn_jax.reference_attention import reference_decode_attention
 from chunkattn_jax.sharing_policy import CostModelPolicy
 from experiments import common
+from pallas_kernels import ChunkFirstConfig, SequenceFirstConfig
 
 GPU_ONLY = ("ours", "paged", "cudnn", "jax_paged")
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
@@ -108,34 +116,57 @@ def policy_for(cfg) -> CostModelPolicy:
                                     dtype_bytes=jnp.dtype(cfg.dtype).itemsize, **kw)
 
 
+@dataclasses.dataclass
+class Impl:
+  """One implementation at one workload: `fn(q)` (jitted) on its own query layout `q`."""
+
+  fn: Callable
+  q: jax.Array
+  plan: object = None
+  note: str = ""
+
+  def __call__(self):
+    return self.fn(self.q)
+
+
+def kernel_configs(cfg) -> dict:
+  """`two_phase_decode` knobs from the config (`--config.chunk_first_config.block_n=32`, ...)."""
+  out = {}
+  if cfg.get("chunk_first_config"):
+    out["chunk_first_config"] = ChunkFirstConfig(**dict(cfg.chunk_first_config))
+  if cfg.get("sequence_first_config"):
+    out["sequence_first_config"] = SequenceFirstConfig(**dict(cfg.sequence_first_config))
+  return out
+
+
 def _two_phase(wl, plan, impl, cfg):
   dplan = jax.device_put(plan)
-  knobs = dict(cfg.get("kernel_knobs", {})) if impl == "pallas" else {}
-  fn = jax.jit(functools.partial(decode_attention, impl=impl, **knobs))
-  return lambda: fn(wl.q, wl.k_pool, wl.v_pool, dplan), plan
+  knobs = kernel_configs(cfg) if impl == "pallas" else {}
+  # The plan was built here from the tree: skip the eager value check inside the timed call.
+  fn = jax.jit(lambda q: decode_attention(q, wl.k_pool, wl.v_pool, dplan, impl=impl,
+                                          validate=False, **knobs))
+  return Impl(fn, wl.q, plan)
 
 
 def _naive(wl, cfg):
   k, v = dense_kv(wl)
-  q = wl.q[:wl.b]
   g = cfg.h // cfg.h_kv
 
   @jax.jit
-  def fn(q, k, v):
+  def fn(q):
     qg = q.reshape(wl.b, cfg.h_kv, g, cfg.d)
     s = jnp.einsum("bjgd,bnjd->bjgn", qg, k, preferred_element_type=jnp.float32) * cfg.d ** -0.5
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bjgn,bnjd->bjgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(wl.b, cfg.h, cfg.d).astype(q.dtype)
-  return lambda: fn(q, k, v)
+  return Impl(fn, wl.q[:wl.b])
 
 
 def _cudnn(wl, cfg):
   k, v = dense_kv(wl)
-  q = wl.q[:wl.b, None]  # [b, 1, h, d]
-  fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+  fn = jax.jit(lambda q: jax.nn.dot_product_attention(
       q, k, v, scale=cfg.d ** -0.5, implementation="cudnn")[:, 0])
-  return lambda: fn(q, k, v)
+  return Impl(fn, wl.q[:wl.b, None])  # q [b, 1, h, d]
 
 
 def _jax_paged(wl, cfg):
@@ -158,43 +189,49 @@ def _jax_paged(wl, cfg):
     if pages % k_splits or (pages // k_splits) & (pages // k_splits - 1):
       continue
     ppcb = min(8, pages // k_splits)
-    fn = jax.jit(functools.partial(jpa.paged_attention, k_splits=k_splits,
-                                   pages_per_compute_block=ppcb))
-    call = lambda fn=fn: fn(q, kp, vp, tables, lengths)
-    t = common.time_device(call, iters=5)
+    paged = functools.partial(jpa.paged_attention, k_splits=k_splits,
+                              pages_per_compute_block=ppcb)
+    impl = Impl(jax.jit(lambda q, paged=paged: paged(q, kp, vp, tables, lengths)), q,
+                note=f"k_splits={k_splits}")
+    t = common.time_device(impl, iters=5)
     if best is None or t < best[0]:
-      best = (t, call, k_splits)
+      best = (t, impl)
   if best is None:
     raise ValueError(f"no valid k_splits for {pages} pages")
-  return best[1], f"k_splits={best[2]}"
+  return best[1]
 
 
-def implementations(cfg, wl: Workload):
-  """name -> (fn() -> [>= b, h, d], plan or None, note); skipped ones -> (None, None, reason)."""
+def implementations(cfg, wl: Workload) -> dict:
+  """name -> Impl (its call returns [>= b, h, d]), or a str: why it was skipped."""
   out = {}
   b = wl.b
   for name in cfg.impls:
     if name in GPU_ONLY and not on_gpu():
-      out[name] = (None, None, "skipped: GPU only")
-      continue
-    note = ""
-    plan = None
-    if name == "ours":
-      fn, plan = _two_phase(wl, build_plan(wl.tree, policy=policy_for(cfg)), "pallas", cfg)
+      out[name] = "skipped: GPU only"
+    elif name == "ours":
+      out[name] = _two_phase(wl, build_plan(wl.tree, policy=policy_for(cfg)), "pallas", cfg)
     elif name == "paged":
-      fn, plan = _two_phase(wl, build_plan(wl.tree, threshold=max(b, 1)), "pallas", cfg)
+      out[name] = _two_phase(wl, build_plan(wl.tree, threshold=max(b, 1)), "pallas", cfg)
     elif name == "xla_two_phase":
-      fn, plan = _two_phase(wl, build_plan(wl.tree, policy=policy_for(cfg)), "xla", cfg)
+      out[name] = _two_phase(wl, build_plan(wl.tree, policy=policy_for(cfg)), "xla", cfg)
     elif name == "naive":
-      fn = _naive(wl, cfg)
+      out[name] = _naive(wl, cfg)
     elif name == "cudnn":
-      fn = _cudnn(wl, cfg)
+      out[name] = _cudnn(wl, cfg)
     elif name == "jax_paged":
-      fn, note = _jax_paged(wl, cfg)
+      out[name] = _jax_paged(wl, cfg)
     else:
       raise ValueError(f"unknown impl {name!r}")
-    out[name] = (fn, plan, note)
   return out
+
+
+def time_device_per_call(impl: Impl, *, calls: int, iters: int, warmup: int) -> float:
+  """Device time of one call in microseconds: one jitted program runs `calls` calls on distinct
+  queries back to back (no host round trip between them); its median time / `calls`."""
+  keys = jax.random.split(jax.random.key(1234), calls)
+  qs = [jax.random.normal(k, impl.q.shape, impl.q.dtype) for k in keys]
+  program = jax.jit(lambda *qs: [impl.fn(q) for q in qs])
+  return common.time_device(lambda: program(*qs), iters=iters, warmup=warmup) / calls
 
 
 def measure_bandwidth(nbytes: int, iters: int) -> float:
@@ -222,14 +259,17 @@ def time_point(cfg, wl: Workload, bandwidth: float, progress_msg=None) -> list[d
   ref = reference_output(wl)
   floor = wl.unique_kv_bytes() / bandwidth
   rows = []
-  for name, (fn, plan, note) in implementations(cfg, wl).items():
-    row = dict(b=wl.b, n_p=wl.n, n_s=wl.n_s, impl=name, us=None, floor_us=floor,
-               floor_ratio=None, max_abs_err=None,
-               shared_items=None if plan is None else plan.num_shared_items(), note=note)
-    if fn is not None:
-      row["max_abs_err"] = check(name, fn(), ref, wl.b, TOLERANCE[cfg.dtype])
-      row["us"] = common.time_device(fn, iters=cfg.iters, warmup=cfg.warmup)
-      row["floor_ratio"] = floor / row["us"]
+  for name, impl in implementations(cfg, wl).items():
+    row = dict(b=wl.b, n_p=wl.n, n_s=wl.n_s, impl=name, us=None, device_us=None, floor_us=floor,
+               floor_ratio=None, max_abs_err=None, shared_items=None, note=impl)
+    if isinstance(impl, Impl):
+      row.update(note=impl.note,
+                 shared_items=None if impl.plan is None else impl.plan.num_shared_items())
+      row["max_abs_err"] = check(name, impl(), ref, wl.b, TOLERANCE[cfg.dtype])
+      row["us"] = common.time_device(impl, iters=cfg.iters, warmup=cfg.warmup)
+      row["device_us"] = time_device_per_call(impl, calls=cfg.device_calls, iters=cfg.iters,
+                                              warmup=cfg.warmup)
+      row["floor_ratio"] = floor / row["device_us"]
     rows.append(row)
   return rows
 
@@ -254,3 +294,24 @@ def summary(rows, config):
   if skipped:
     lines.append(f"skipped (GPU only, not on {jax.default_backend()}): {', '.join(skipped)}")
   return "\n".join(lines)
+
+
+def plot(rows, workdir) -> list[str]:
+  """Device time per call vs n_s, one panel per n_p, every implementation and the floor."""
+  n_ps = sorted({r["n_p"] for r in rows})
+  fig, axes = common.subplots(ncols=len(n_ps), figsize=(4.5 * len(n_ps), 4), squeeze=False)
+  for ax, n_p in zip(axes[0], n_ps):
+    sub = [r for r in rows if r["n_p"] == n_p]
+    for impl in dict.fromkeys(r["impl"] for r in sub):
+      pts = sorted((r["n_s"], r["device_us"]) for r in sub
+                   if r["impl"] == impl and r["device_us"] is not None)
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=impl)
+    floor = sorted({(r["n_s"], r["floor_us"]) for r in sub})
+    ax.plot(*zip(*floor), linestyle="--", color="gray", label="floor (unique K/V / bandwidth)")
+    ax.set_xlabel("shared prefix n_s (tokens)")
+    ax.set_ylabel("device time per call (us)")
+    ax.set_yscale("log")
+    ax.set_title(f"n_p = {n_p}")
+  axes[0][-1].legend(fontsize=7)
+  return [common.save_figure(fig, workdir, "table3_latency.png")]

@@ -397,7 +397,7 @@ def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 
   h_kv = h // g
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   dt = jnp.dtype(dtype)
-  R, I, G, P, K = rows, items, chunks_per_item, private_chunks, items_per_row
+  R, I, G, P, K = rows, items, chunks_per_item, private_chunks, items_per_row  # I = 0: paged plan
   kw = dict(num_rows=i32(), row_private_chunks=i32(R, P), row_private_len=i32(R),
             row_items=i32(R, K), row_num_items=i32(R), item_chunks=i32(I, G),
             item_num_chunks=i32(I), item_row_begin=i32(I), item_row_end=i32(I), item_slot=i32(I),

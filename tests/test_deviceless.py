@@ -1,0 +1,171 @@
+"""Every decode kernel configuration compiled for an H100 (sm_90a) with no GPU: XLA's own
+deviceless compile (pallas_kernels.deviceless). Fails on a compile error, any spill, shared memory
+over the opt-in limit, more than the planned kernels per call, more than 4 barriers per loop
+iteration, or a K/V pipeline less than 2 tiles deep.
+
+Needs the CUDA PJRT plugin (scripts/install_gpu_compile.sh) and ptxas; without them the compile
+tests skip with a message naming what is missing, unless CHUNKATTN_REQUIRE_SM90=1 (CI sets it),
+which turns the skip into a failure. The parser tests below need nothing.
+"""
+
+import os
+
+import pytest
+
+from configs import kernel_resources as kernel_resources_config
+from experiments import kernel_resources
+from pallas_kernels import deviceless
+
+REQUIRE = os.environ.get("CHUNKATTN_REQUIRE_SM90") == "1"
+OPTIN_SMEM = deviceless.H100.smem_per_block_optin
+
+# The one configuration family allowed more than 4 barriers per iteration: on tensor cores a
+# [16, 256] fp32 accumulator does not fit one warp's registers without spilling, and with 4 warps
+# a 16-row MMA splits the tile's columns across warps, so row max and sum cross warps (6 barriers
+# per 16-token tile). Models with d = 256 use g <= 2 (CUDA-core path, no barrier) in practice.
+def barrier_limit(kernel: str, d: int, dtype: str, g: int) -> int:
+  if kernel.startswith("sequence_first") and d == 256 and g >= 4 and dtype != "float32":
+    return 6
+  return 4
+
+
+BAD_SPEC = dict(builder="pallas_kernels.deviceless:decode_call", kwargs=dict(
+    d=128, c=64, dtype="float32", g=1,
+    chunk_first_config=dict(block_m=64, block_n=64, num_warps=4, num_stages=4)))
+NO_ITEMS_SPEC = dict(builder="pallas_kernels.deviceless:decode_call",
+                     kwargs=dict(d=128, c=64, dtype="float16", g=4, items=0))
+
+
+@pytest.fixture(scope="module")
+def sweep():
+  try:
+    deviceless.check_toolchain()
+  except deviceless.ToolchainMissing as e:
+    if REQUIRE:
+      pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
+    pytest.skip(str(e))
+  specs = kernel_resources.specs(kernel_resources_config.get_config())
+  reports = deviceless.compile_specs(specs + [BAD_SPEC, NO_ITEMS_SPEC])
+  rows = [row for spec, rep in zip(specs, reports) for row in kernel_resources.rows_of(spec, rep)]
+  return specs, reports[:len(specs)], rows, reports[-2], reports[-1]
+
+
+def test_every_configuration_compiles_without_spills_within_shared_memory(sweep):
+  specs, _, rows, _, _ = sweep
+  assert len(specs) == 3 * 4 * 3 * 4 and len(rows) == 2 * len(specs)
+  for r in rows:
+    assert r["registers"] > 0, r  # ptxas ran on the kernel's PTX
+    assert r["spill_bytes"] == 0, r
+    assert r["smem_bytes"] <= OPTIN_SMEM, r
+    assert r["ctas_per_sm"] >= 1, r
+
+
+def test_two_kernels_per_decode_call_and_one_without_shared_items(sweep):
+  _, reports, _, _, no_items = sweep
+  for rep in reports:
+    names = [k.kernel for k in rep.kernels]
+    assert rep.num_gpu_kernels == 2, names  # no transposes, pads, slices or zero-fills
+    assert names[0].startswith("chunk_first") and names[1].startswith("sequence_first")
+  assert no_items.num_gpu_kernels == 1
+  assert no_items.kernels[0].kernel.startswith("sequence_first")
+
+
+def test_barriers_per_loop_iteration(sweep):
+  _, _, rows, _, _ = sweep
+  for r in rows:
+    assert r["barriers_per_iteration"] <= barrier_limit(r["kernel"], r["d"], r["dtype"], r["g"]), r
+  exceptions = [r for r in rows if r["barriers_per_iteration"] > 4]
+  assert all(r["d"] == 256 and r["g"] >= 4 for r in exceptions)
+
+
+def test_kv_pipelines_keep_two_tiles_in_flight(sweep):
+  """Every cp.async tile loop waits with >= 2 tiles still loading; the CUDA-core loops (no
+  cp.async: the compiler pipelines only loads that feed a dot) prefetch two tiles in registers
+  by construction (see sequence_first._private_cuda_core) and use no barrier."""
+  _, reports, _, _, _ = sweep
+  for rep in reports:
+    for k in rep.kernels:
+      for loop in k.loops:
+        if loop.cp_async_groups:
+          assert loop.tiles_in_flight >= 2, (k.kernel, loop)
+      if k.kernel.endswith("_cuda"):
+        assert k.mma == "fma" and all(lp.cp_async_groups == 0 for lp in k.loops)
+
+
+def test_tensor_core_use(sweep):
+  _, _, rows, _, _ = sweep
+  for r in rows:
+    if r["dtype"] == "float32":
+      assert r["mma"] == "fma", r  # full fp32 products (tensor cores would round to TF32)
+    elif r["kernel"].startswith("chunk_first"):
+      assert r["mma"] == "wgmma", r
+    elif r["g"] >= 4:
+      assert r["mma"] == "mma.sync", r
+
+
+def test_the_check_catches_a_spilling_kernel(sweep):
+  bad = sweep[3]
+  cf = next(k for k in bad.kernels if k.kernel.startswith("chunk_first"))
+  assert cf.spill_bytes > 0
+
+
+# --- Parsers (no toolchain needed) ---------------------------------------------------------------
+PTX = """
+.entry k(
+)
+{
+	ld.global.b32 	%r1, [%rd1];
+$L__BB0_1:
+	cp.async.cg.shared.global [ %r2 + 0 ], [ %rd2 + 0 ], 0x10, %r3;
+	cp.async.commit_group;
+	cp.async.cg.shared.global [ %r2 + 0 ], [ %rd2 + 0 ], 0x10, %r3;
+	cp.async.commit_group;
+	cp.async.wait_group 	4;
+	bar.sync 	0;
+	mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%r1}, {%r2}, {%r3}, {%r4};
+	bar.sync 	0;
+	@%p1 bra 	$L__BB0_1;
+$L__BB0_2:
+	ld.global.v4.b32 	{%r5, %r6, %r7, %r8}, [%rd3];
+	@%p2 bra 	$L__BB0_3;
+	ld.global.v4.b32 	{%r5, %r6, %r7, %r8}, [%rd3];
+$L__BB0_3:
+	@%p3 bra 	$L__BB0_2;
+	ret;
+}
+"""
+
+
+def test_ptx_loops_and_entry():
+  assert deviceless.ptx_entry(PTX) == "k"
+  loops = deviceless.ptx_loops(PTX)
+  assert len(loops) == 2
+  first, second = loops
+  assert (first.barriers, first.mma, first.cp_async_groups, first.tiles_in_flight) == (
+      2, "mma.sync", 2, 2)
+  assert (second.barriers, second.mma, second.global_loads) == (0, "fma", 2)
+
+
+def test_ptxas_thunks_and_occupancy():
+  info = deviceless.parse_ptxas(
+      "ptxas info    : Function properties for k\n"
+      "    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+      "ptxas info    : Used 168 registers, used 1 barriers\n")
+  assert info == dict(registers=168, spill_bytes=20, stack_bytes=16)
+  thunks = deviceless.parse_thunks(
+      "001: kCustomKernel [source | next=002 (1)] chunk_first_g1 grid: [16, 32, 1] "
+      "threads: [128, 1, 1]  shared_memory: 81920 bytes\n"
+      "002: kCustomKernel [prev=001 (1) | sink] sequence_first_g1 grid: [32, 32, 1] "
+      "threads: [128, 1, 1]  shared_memory: 2048 bytes\n")
+  assert thunks == [("kCustomKernel", "chunk_first_g1", (16, 32, 1), 128, 81920),
+                    ("kCustomKernel", "sequence_first_g1", (32, 32, 1), 128, 2048)]
+  k = deviceless.KernelResources("x", (1,), threads=128, smem_bytes=81920, registers=168)
+  assert k.ctas_per_sm() == 2  # shared memory: 233472 // (81920 + 1024)
+  k = deviceless.KernelResources("x", (1,), threads=32, smem_bytes=0, registers=255)
+  assert k.ctas_per_sm() == 8  # registers: 65536 // (256 * 32)
+
+
+def test_missing_toolchain_is_named(monkeypatch, tmp_path):
+  monkeypatch.setenv(deviceless.PLUGIN_ENV, str(tmp_path / "nowhere"))
+  with pytest.raises(deviceless.ToolchainMissing, match="CUDA PJRT plugin"):
+    deviceless.check_toolchain()
