@@ -2,7 +2,9 @@
 
 For each batch size b: b requests share an n_s-token prefix and have n_priv private prompt tokens
 each (c-token chunks). Timed on the host (no device work): insert (per request), one decode step's
-append (one token to every row), a full plan rebuild, remove (per request), and the amortised host
+append (one token to every row), a full plan rebuild (split for an H100 at h_kv = 8: the engine's
+default), the eager plan validation `decode_attention` runs on user plans, remove (per request), and
+the amortised host
 overhead of a decode step over `steps` steps: append one token to every row, then fetch the plan
 (rebuilt only when a row opened a new chunk; otherwise the cached plan with a length delta).
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from chunkattn_jax.chunk_pool import ChunkPool
-from chunkattn_jax.plan import PlanBuilder, build_plan
+from chunkattn_jax.attention import validate_plan
+from chunkattn_jax.plan import GpuFill, PlanBuilder, build_plan
 from chunkattn_jax.prefix_tree import PrefixTree
 from experiments import common
 
@@ -37,7 +40,11 @@ def run(config, progress):
     ids = []
     insert_us = common.time_host(lambda: ids.append(tree.insert(prompts[len(ids)]).seq_id),
                                  iters=b - 1, warmup=1)
-    plan_us = common.time_host(lambda: build_plan(tree), iters=config.plan_iters)
+    fill = GpuFill(num_kv_heads=8, group_size=4)
+    plan_us = common.time_host(lambda: build_plan(tree, fill=fill), iters=config.plan_iters)
+    plan = build_plan(tree, fill=fill)
+    validate_us = common.time_host(lambda: validate_plan(plan, tree.pool.capacity),
+                                   iters=config.plan_iters)
     tokens = [1] * b
     builder = PlanBuilder(tree)
     builder.plan()
@@ -56,6 +63,7 @@ def run(config, progress):
         dict(op="insert (per request)", us=insert_us, **common_fields),
         dict(op="append step (1 token x b rows)", us=append_us, **common_fields),
         dict(op="plan rebuild", us=plan_us, target_us=config.plan_target_us, **common_fields),
+        dict(op="plan validation", us=validate_us, **common_fields),
         dict(op="remove (per request)", us=remove_us, **common_fields),
         dict(op=f"amortised step ({config.steps} steps, {rebuilds} rebuilds)", us=step_us,
              target_us=config.step_target_us, **common_fields),

@@ -125,11 +125,12 @@ class KernelResources:
 
 @dataclasses.dataclass
 class CompileReport:
-  """What one compiled call launches."""
+  """What one compiled call launches (or why XLA refused to compile it: `error`)."""
 
   num_gpu_kernels: int  # kernel launches in the optimized program (thunks that run on the GPU)
   kernels: list[KernelResources]
   hlo: str  # the optimized HLO module, as text
+  error: str | None = None  # e.g. "RESOURCE_EXHAUSTED: Shared memory size limit exceeded ..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +266,13 @@ def compile_specs(specs: list[dict], *, workers: int | None = None,
   shares = [specs[w::workers] for w in range(workers)]
   with tempfile.TemporaryDirectory(prefix="sm90-") as tmp:
     procs = [_start_worker(share, os.path.join(tmp, str(w))) for w, share in enumerate(shares)]
-    results = [_finish_worker(p, len(share), timeout_s) for p, share in zip(procs, shares)]
+    try:
+      results = [_finish_worker(p, len(share), timeout_s) for p, share in zip(procs, shares)]
+    finally:
+      for p in procs:  # a failed worker must not leave the others running
+        if p.poll() is None:
+          p.kill()
+          p.wait()
   out = [None] * len(specs)
   for w, reports in enumerate(results):
     out[w::workers] = reports
@@ -318,7 +325,7 @@ def _finish_worker(proc: subprocess.Popen, n: int, timeout_s: float) -> list[Com
     kernels = [KernelResources(**dict(k, grid=tuple(k["grid"]),
                                       loops=[Loop(**lp) for lp in k["loops"]]))
                for k in r["kernels"]]
-    reports.append(CompileReport(r["num_gpu_kernels"], kernels, r["hlo"]))
+    reports.append(CompileReport(r["num_gpu_kernels"], kernels, r["hlo"], r.get("error")))
   if len(reports) != n:
     raise RuntimeError(f"deviceless compile returned {len(reports)} reports for {n} specs:\n"
                        f"{stderr[-6000:]}")
@@ -352,8 +359,13 @@ def _worker() -> None:
     args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), args)
     for f in glob.glob(os.path.join(ptx_dir, "*")):
       os.remove(f)
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      compiled = jax.jit(fn).trace(*args).lower().compile()
+    try:
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        compiled = jax.jit(fn).trace(*args).lower().compile()
+    except Exception as e:  # pylint: disable=broad-except  (reported per spec, not fatal)
+      print(json.dumps(dict(num_gpu_kernels=0, kernels=[], hlo="",
+                            error=f"{type(e).__name__}: {str(e)[:2000]}")), flush=True)
+      continue
     hlo = compiled.as_text()
     files = sorted(set(glob.glob(os.path.join(tmp, "xla", "*.thunk_sequence.txt")))
                    - seen_thunk_files)

@@ -29,7 +29,12 @@ def barrier_limit(kernel: str, d: int, dtype: str, g: int) -> int:
   return 4
 
 
-BAD_SPEC = dict(builder="pallas_kernels.deviceless:decode_call", kwargs=dict(
+# Deliberately bad knobs: fp32 products on CUDA cores with 64 x 32 blocks spill; 64 x 64 blocks
+# with 4 stages need more shared memory than an H100 has (XLA refuses to compile).
+SPILL_SPEC = dict(builder="pallas_kernels.deviceless:decode_call", kwargs=dict(
+    d=128, c=64, dtype="float32", g=1,
+    chunk_first_config=dict(block_m=64, block_n=32, num_warps=4, num_stages=2)))
+SMEM_SPEC = dict(builder="pallas_kernels.deviceless:decode_call", kwargs=dict(
     d=128, c=64, dtype="float32", g=1,
     chunk_first_config=dict(block_m=64, block_n=64, num_warps=4, num_stages=4)))
 NO_ITEMS_SPEC = dict(builder="pallas_kernels.deviceless:decode_call",
@@ -45,9 +50,11 @@ def sweep():
       pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
     pytest.skip(str(e))
   specs = kernel_resources.specs(kernel_resources_config.get_config())
-  reports = deviceless.compile_specs(specs + [BAD_SPEC, NO_ITEMS_SPEC])
+  reports = deviceless.compile_specs(specs + [SPILL_SPEC, SMEM_SPEC, NO_ITEMS_SPEC])
+  errors = [(spec["kwargs"], rep.error) for spec, rep in zip(specs, reports) if rep.error]
+  assert not errors, errors  # every supported configuration compiles
   rows = [row for spec, rep in zip(specs, reports) for row in kernel_resources.rows_of(spec, rep)]
-  return specs, reports[:len(specs)], rows, reports[-2], reports[-1]
+  return specs, reports[:len(specs)], rows, reports[-3:-1], reports[-1]
 
 
 def test_every_configuration_compiles_without_spills_within_shared_memory(sweep):
@@ -103,10 +110,11 @@ def test_tensor_core_use(sweep):
       assert r["mma"] == "mma.sync", r
 
 
-def test_the_check_catches_a_spilling_kernel(sweep):
-  bad = sweep[3]
-  cf = next(k for k in bad.kernels if k.kernel.startswith("chunk_first"))
-  assert cf.spill_bytes > 0
+def test_the_check_catches_spills_and_shared_memory_overflow(sweep):
+  spill, smem = sweep[3]
+  cf = next(k for k in spill.kernels if k.kernel.startswith("chunk_first"))
+  assert spill.error is None and cf.spill_bytes > 0
+  assert smem.error is not None and "Shared memory size limit exceeded" in smem.error
 
 
 # --- Parsers (no toolchain needed) ---------------------------------------------------------------
