@@ -273,6 +273,7 @@ class Engine:
 
   def run(self, max_steps: int | None = None) -> Iterator[TokenEvent]:
     """Steps until every request finished (or `max_steps`), yielding tokens as they come."""
+    self._check_idle("run")
     for i in itertools.count():
       if not self.has_work() or (max_steps is not None and i >= max_steps):
         return
