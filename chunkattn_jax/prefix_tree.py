@@ -400,7 +400,7 @@ class PrefixTree:
     tail_len = length - (keep - 1) * c
     cut_tail = tail_len < len(tail.tokens)
     if cut_tail and tail.count > 1:
-      raise ValueError(f"truncate: token {length} of sequence {seq_id} is inside a chunk that "
+      raise ValueError(f"truncate: length {length} of sequence {seq_id} cuts a chunk that "
                        f"{tail.count - 1} other live sequence(s) share")
     seq.path[-1].ending.remove(seq)
     freed = []
