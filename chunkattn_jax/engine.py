@@ -202,6 +202,7 @@ class Engine:
     self._outbox: collections.deque[TokenEvent] = collections.deque()  # committed, not delivered
     self._delivered: list[TokenEvent] = []  # delivered (callback run), not yet returned by step()
     self._phase: str | None = None  # "compute" (plan, model call, commit) | "deliver" | None
+    self._commit_time = 0.0  # clock of the last commit: the finish time of a failed callback
 
   @property
   def pool(self):
@@ -360,6 +361,7 @@ class Engine:
         self._after_failure(resets)
         raise
       self._outbox.extend(self.scheduler.commit_prefill(batch, tokens, logits, now))
+      self._commit_time = now
 
   def _decode(self) -> None:
     work = self.scheduler.prepare_decode()
@@ -375,6 +377,7 @@ class Engine:
       self._after_failure(resets)
       raise
     self._outbox.extend(self.scheduler.commit_decode(work, tokens, logits, now))
+    self._commit_time = now
 
   def _after_failure(self, resets_before: int) -> None:
     if self.runner.num_pool_resets != resets_before:  # every chunk's K/V is gone
@@ -392,14 +395,15 @@ class Engine:
           req.callback(ev)
         except Exception as e:  # pylint: disable=broad-except
           ev = dataclasses.replace(ev, finish_reason="error")
-          self._stop(req, "error", error=e)
+          self._stop(req, "error", error=e, now=self._commit_time)
         except BaseException:
           self._delivered.append(ev)
           raise
       self._delivered.append(ev)
 
-  def _stop(self, req: Request, reason: str, error: Exception | None = None) -> None:
-    now = self.clock()
+  def _stop(self, req: Request, reason: str, error: Exception | None = None,
+            now: float | None = None) -> None:
+    now = self.clock() if now is None else now
     self.scheduler.stop(req, reason, now, error)
     if any(ev.request_id == req.rid for ev in self._outbox):
       self._outbox = collections.deque(ev for ev in self._outbox if ev.request_id != req.rid)
