@@ -19,7 +19,8 @@ def is_int(x) -> bool:
 
 def is_real(x) -> bool:
   """A Python or NumPy int or float that is not a bool."""
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+  return (isinstance(x, (int, float, np.integer, np.floating))
+          and not isinstance(x, (bool, np.bool_)))
 
 
 def check_int(value, what: str, *, min_value: int | None = None,

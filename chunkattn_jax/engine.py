@@ -177,7 +177,8 @@ class Engine:
     scheduler: the host side (`scheduler.Scheduler`): tree, plans, requests and queues.
     runner: the device side (`model_runner.ModelRunner`): KV pool and jitted steps.
     tree, plans, pool: the scheduler's tree and plan builder, the runner's KV pool.
-    stats: counters (admissions waits, evictions, preemptions, prefill / decode calls and tokens).
+    stats: counters (admission waits, evictions, preemptions, pool resets, prefill / decode calls
+      and tokens).
   """
 
   def __init__(self, model, config: EngineConfig = EngineConfig(), *, pool_sharding=None,

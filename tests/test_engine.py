@@ -299,6 +299,24 @@ def test_callback_error_finishes_only_its_request(model, fail_at):
   assert eng.tree.pool.num_used == eng.tree.num_cached_chunks
 
 
+def test_stream_raises_when_its_callback_failed(model):
+  prompt = _prompts(seed=8)[0]
+  ref = _reference(model, [prompt], 6)[0]
+  eng = Engine(model, CFG)
+  err = ValueError("bad client")
+
+  def callback(ev):
+    if ev.index == 2:
+      raise err
+  got = []
+  with pytest.raises(engine.RequestError, match="bad client") as info:
+    for tok in eng.stream(prompt, 6, callback=callback):
+      got.append(tok)
+  assert info.value.__cause__ is err and got == ref[:3]
+  with pytest.raises(TypeError, match="clock"):
+    Engine(model, CFG, clock=5)
+
+
 def test_interrupted_step_then_run_again(model):
   """A BaseException from a callback propagates; running again delivers the rest of that step's
   events once and every request gets exactly its undisturbed tokens (before: the other requests'
