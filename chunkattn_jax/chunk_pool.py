@@ -6,7 +6,11 @@ The pool only does bookkeeping; the K/V bytes live in device arrays indexed by t
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
+
+from chunkattn_jax.checks import is_int
 
 
 class PoolExhaustedError(RuntimeError):
@@ -31,7 +35,7 @@ class ChunkPool:
   """
 
   def __init__(self, capacity: int, *, seed: int | None = None):
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+    if not is_int(capacity) or capacity < 1:
       raise ValueError(f"pool capacity must be a positive integer, got {capacity!r}")
     self._capacity = int(capacity)
     order = np.arange(self._capacity - 1, -1, -1)  # a stack: pop() hands out slot 0 first
@@ -39,6 +43,25 @@ class ChunkPool:
       np.random.default_rng(seed).shuffle(order)
     self._free: list[int] = order.tolist()
     self._refcount = np.zeros(self._capacity, np.int64)
+    self._owner = None  # weak reference to the one PrefixTree managing these slots
+
+  def claim(self, owner) -> None:
+    """Makes `owner` (a `PrefixTree`) the only manager of this pool's slots.
+
+    Two trees over one pool would hand out each other's slots, so a pool can be claimed once, and
+    only while every slot is free (a tree must account for every slot in use).
+
+    Raises:
+      ValueError: another live owner holds the pool, or some slots are already in use.
+    """
+    current = self._owner() if self._owner is not None else None
+    if current is not None and current is not owner:
+      raise ValueError(f"this ChunkPool already belongs to another {type(current).__name__}; "
+                       f"give each tree its own pool")
+    if current is None and self.num_used:
+      raise ValueError(f"a tree needs an empty ChunkPool, but {self.num_used} of its "
+                       f"{self._capacity} slots are in use")
+    self._owner = weakref.ref(owner)
 
   @property
   def capacity(self) -> int:
@@ -58,6 +81,8 @@ class ChunkPool:
 
   def allocate(self, n: int) -> list[int]:
     """Takes `n` free slots, each with reference count 1; all or nothing."""
+    if not is_int(n):
+      raise ValueError(f"allocate needs an integer count, got {n!r}")
     if n < 0:
       raise ValueError(f"cannot allocate a negative number of chunks: {n}")
     if n > len(self._free):
@@ -84,6 +109,8 @@ class ChunkPool:
     return (tuple(self._free), tuple(self._refcount.tolist()))
 
   def _check_slot(self, slot: int) -> None:
+    if not is_int(slot):
+      raise ValueError(f"chunk slot must be an integer, got {slot!r}")
     if not 0 <= slot < self._capacity:
       raise ValueError(f"chunk slot {slot} out of range [0, {self._capacity})")
 

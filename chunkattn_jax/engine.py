@@ -15,8 +15,28 @@ Each `step()`:
    decode plan is refreshed (rebuilt only when the tree's structure changed), and one jitted step
    runs the model over the plan's rows (padded to the plan's row capacity, so the step recompiles
    only when a capacity crosses a power of two);
-3. streams each new token (callbacks, events, `stream()`), finishes requests on a stop id,
-   `max_new_tokens` or the context limit, and frees their sequences.
+3. finishes requests on a stop id, `max_new_tokens` or the context limit and frees their
+   sequences; then delivers each new token (callbacks, the returned events, `stream()`).
+
+The host bookkeeping is `scheduler.Scheduler`'s, the device calls `model_runner.ModelRunner`'s.
+Each model call is a transaction: the scheduler plans it (tree inserts / appends), the runner
+computes it, and only then is it committed (tokens recorded); if anything raises before the
+commit, the plan is undone. Callbacks run after every commit of the step. The error contract
+(docs/serving.md, "Errors"):
+
+* a model call, the sharing policy or the clock raising propagates out of `step()` with that call
+  rolled back: the tree holds exactly the tokens whose K/V is in the pool and every request keeps
+  its output (cache evictions and preemptions made for room stay; both are safe). If the device
+  pool itself was lost, every request is recomputed. A later `run()` gives the same tokens as an
+  undisturbed run; tokens committed before the failure are delivered by the next step;
+* a callback raising an `Exception` finishes that request with `finish_reason="error"` (the
+  exception in `request_info(rid)["error"]`); its event is returned with that reason, and the
+  other requests continue. A `BaseException` (KeyboardInterrupt) propagates at once; events not
+  yet delivered are delivered by the next step;
+* after `cancel(rid)` returns, the request emits nothing: undelivered tokens are dropped from its
+  output;
+* `step`, `run`, `stream` and `generate` from a callback (or from the policy or clock), and
+  `submit` / `cancel` from the policy or clock, raise `ReentrantCallError` before changing anything.
 
 Pool pressure: admission waits when the prompt does not fit; a decode step that needs new chunks
 first lets the tree evict cached prefixes (LRU), then preempts the most recently admitted running
@@ -33,49 +53,69 @@ Cached chunks are never rows of the decode plan.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-import functools
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chunkattn_jax import kv_pool as kv_pool_lib
-from chunkattn_jax import layers
+from chunkattn_jax import checks
 from chunkattn_jax import sampling as sampling_lib
-from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError
-from chunkattn_jax.plan import GpuFill, PlanBuilder, bucket, pad_plan, plan_capacities
-from chunkattn_jax.prefix_tree import PrefixTree
+from chunkattn_jax.plan import GpuFill
+from chunkattn_jax.model_runner import PLAN_CAPACITY_NAMES, ModelRunner
+from chunkattn_jax.prefix_tree import check_chunk_size
+from chunkattn_jax.scheduler import Request, Scheduler, TokenEvent
+
+__all__ = ["Engine", "EngineConfig", "ReentrantCallError", "RequestError", "TokenEvent", "demo"]
+
+KV_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ReentrantCallError(RuntimeError):
+  """An engine method was called from inside a step (a callback, the sharing policy, the clock)
+  where it cannot run safely. Nothing changed."""
+
+
+class RequestError(RuntimeError):
+  """`stream()`'s request failed: its callback raised (the cause)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-  """Engine knobs.
+  """Engine knobs, checked on construction (ValueError naming the field; TypeError for a policy
+  that is not callable).
 
   Attributes:
-    n_chunks: chunk slots in the KV pool.
-    chunk_size: tokens per chunk `c` (a power of two).
-    max_batch: most running requests (rows decoded per step).
-    max_prefill_batch: most requests prefilled in one model call.
-    threshold: plan sharing threshold (a chunk used by more rows goes through the chunk-first
-      pass); a huge value gives the paged baseline (no shared compute, memory still shared).
+    n_chunks: chunk slots in the KV pool (>= 1).
+    chunk_size: tokens per chunk `c` (a power of two in [2, 256]).
+    max_batch: most running requests (rows decoded per step), >= 1.
+    max_prefill_batch: most requests prefilled in one model call, >= 1.
+    threshold: plan sharing threshold, >= 1 (a chunk used by more rows goes through the
+      chunk-first pass); a huge value gives the paged baseline (no shared compute, memory still
+      shared).
     policy: optional per-run sharing decision `policy(num_rows, num_chunks) -> bool` replacing
       the threshold, e.g. `sharing_policy.CostModelPolicy.for_shapes(...)` on a GPU.
-    max_chunks_per_item: `G` of the plan.
-    fill: how far `build_plan` splits shared runs (`plan.GpuFill`); default: the policy's, else
-      two chunk-first programs per SM of an H100 for the model's head counts.
-    min_row_capacity: smallest plan row capacity `R`.
+    max_chunks_per_item: `G` of the plan (a power of two).
+    fill: how far `build_plan` splits shared runs (`plan.GpuFill`); default: the policy's, else,
+      on a GPU backend, two chunk-first programs per SM of an H100 for the model's head counts
+      (on a CPU runs are not split: nothing to fill).
+    min_row_capacity: smallest plan row capacity `R` (>= 1).
     cache_prefixes: keep finished requests' full chunks cached (evicted LRU when space is needed).
-    min_prefill_tokens: smallest prefill token bucket (prefill lengths are padded to powers of two).
-    kv_dtype: pool dtype (None: the model's compute dtype).
+    min_prefill_tokens: smallest prefill token bucket (prefill lengths are padded to powers of
+      two), >= 1.
+    kv_dtype: pool dtype, one of `KV_DTYPES` (None: the model's compute dtype); stored as its name.
     min_plan_capacities: smallest decode-plan capacities `(R, P, K, I, M)` (powers of two, see
-      `plan.plan_capacities`; 0 or missing: no minimum). The engine pads every plan up to the largest capacities seen so far, so the decode
-      step compiles once per new maximum; benchmarks set this from a warm-up engine's
-      `plan_capacities` so the timed run never compiles.
+      `plan.plan_capacities`; 0 or missing: no minimum). The engine pads every plan up to the
+      largest capacities seen so far, so the decode step compiles once per new maximum;
+      benchmarks set this from a warm-up engine's `plan_capacities` so the timed run never
+      compiles.
     record_logits: keep each generated token's logits (float32 numpy, for tests).
-    pool_seed: shuffle the pool's free list (tests).
+    pool_seed: shuffle the pool's free list (tests); None or an integer >= 0.
   """
   n_chunks: int = 1024
   chunk_size: int = 16
@@ -93,40 +133,40 @@ class EngineConfig:
   record_logits: bool = False
   pool_seed: int | None = None
 
-
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-  """One generated token. `finish_reason` is set on a request's last token ("stop", "length",
-  "context") and None otherwise."""
-  request_id: int
-  token: int
-  index: int
-  finish_reason: str | None = None
-
-
-@dataclasses.dataclass
-class _Request:
-  rid: int
-  prompt: list[int]
-  max_new_tokens: int
-  stop_ids: frozenset
-  sampling: sampling_lib.SamplingParams
-  callback: Callable | None
-  output: list[int] = dataclasses.field(default_factory=list)
-  logits: list = dataclasses.field(default_factory=list)
-  status: str = "waiting"  # waiting | running | finished
-  seq_id: int | None = None
-  finish_reason: str | None = None
-  num_preemptions: int = 0
-  admitted_at: int = -1  # admission counter (preemption picks the latest)
-  submit_time: float = 0.0
-  first_token_time: float | None = None
-  finish_time: float | None = None
-  num_cached_at_admission: int = 0
-
-  @property
-  def num_tokens(self) -> int:
-    return len(self.prompt) + len(self.output)
+  def __post_init__(self):
+    f = lambda name: f"EngineConfig.{name}"  # pylint: disable=unnecessary-lambda-assignment
+    for name in ("n_chunks", "max_batch", "max_prefill_batch", "threshold", "min_row_capacity",
+                 "min_prefill_tokens"):
+      checks.check_int(getattr(self, name), f(name), min_value=1)
+    try:
+      check_chunk_size(self.chunk_size)
+    except ValueError as e:
+      raise ValueError(f"{f('chunk_size')}: {e}") from None
+    checks.check_callable(self.policy, f("policy"))
+    checks.check_power_of_two(self.max_chunks_per_item, f("max_chunks_per_item"))
+    if self.fill is not None and not isinstance(self.fill, GpuFill):
+      raise ValueError(f"{f('fill')} must be None or a plan.GpuFill, got {self.fill!r}")
+    for name in ("cache_prefixes", "record_logits"):
+      checks.check_bool(getattr(self, name), f(name))
+    if self.pool_seed is not None:
+      checks.check_int(self.pool_seed, f("pool_seed"), min_value=0)
+    if self.kv_dtype is not None:
+      try:
+        name = jnp.dtype(self.kv_dtype).name
+      except TypeError:
+        name = None
+      if name not in KV_DTYPES:
+        raise ValueError(f"{f('kv_dtype')} must be None or one of {KV_DTYPES}, "
+                         f"got {self.kv_dtype!r}")
+      object.__setattr__(self, "kv_dtype", name)
+    caps = self.min_plan_capacities
+    if not isinstance(caps, (tuple, list)) or len(caps) > len(PLAN_CAPACITY_NAMES):
+      raise ValueError(f"{f('min_plan_capacities')} must be a tuple of at most "
+                       f"{len(PLAN_CAPACITY_NAMES)} capacities {PLAN_CAPACITY_NAMES}, got {caps!r}")
+    for name, cap in zip(PLAN_CAPACITY_NAMES, caps):
+      if checks.check_int(cap, f"{f('min_plan_capacities')} {name}", min_value=0):
+        checks.check_power_of_two(cap, f"{f('min_plan_capacities')} {name}")
+    object.__setattr__(self, "min_plan_capacities", tuple(int(c) for c in caps))
 
 
 class Engine:
@@ -140,91 +180,114 @@ class Engine:
     pool_sharding: optional sharding of the KV pool arrays (default: `sharding.pool_sharding` of
       `model.mesh` when the model was sharded, else unsharded).
     clock: time source for the latency statistics (default `time.perf_counter`).
+
+  Attributes:
+    scheduler: the host side (`scheduler.Scheduler`): tree, plans, requests and queues.
+    runner: the device side (`model_runner.ModelRunner`): KV pool and jitted steps.
+    tree, plans, pool: the scheduler's tree and plan builder, the runner's KV pool.
+    stats: counters (admission waits, evictions, preemptions, pool resets, prefill / decode calls
+      and tokens).
   """
 
   def __init__(self, model, config: EngineConfig = EngineConfig(), *, pool_sharding=None,
                clock: Callable[[], float] | None = None):
-    import time  # pylint: disable=import-outside-toplevel
+    if not isinstance(config, EngineConfig):
+      raise TypeError(f"config must be an EngineConfig, got {config!r}")
+    checks.check_callable(clock, "clock")
     self.config = config
     self.model = model
     self.vocab_size = model.config.vocab_size
     self.max_context = model.config.max_position_embeddings
-    self.tree = PrefixTree(ChunkPool(config.n_chunks, seed=config.pool_seed), config.chunk_size)
-    fill = config.fill or getattr(config.policy, "fill", None) or GpuFill(
-        num_kv_heads=model.config.num_kv_heads,
-        group_size=model.config.num_heads // model.config.num_kv_heads)
-    self.plans = PlanBuilder(self.tree, threshold=config.threshold, policy=config.policy,
-                             max_chunks_per_item=config.max_chunks_per_item, fill=fill,
-                             min_row_capacity=config.min_row_capacity)
     if pool_sharding is None and getattr(model, "mesh", None) is not None:
       from chunkattn_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
       pool_sharding = sharding_lib.pool_sharding(model.mesh)
-    self.pool = model.make_pool(config.n_chunks, config.chunk_size, dtype=config.kv_dtype,
-                                sharding=pool_sharding)
-    self.clock = clock or time.perf_counter
-    self._graphdef, self._state = nnx.split(model)
-    self._requests: dict[int, _Request] = {}
-    self._waiting: collections.deque[_Request] = collections.deque()
-    self._running: dict[int, _Request] = {}  # rid -> request, admission order
-    self._by_seq: dict[int, _Request] = {}
-    self._plan_caps = tuple(config.min_plan_capacities)
-    self._path_cap = 0
-    self._ids = itertools.count()
-    self._admissions = itertools.count()
     self.stats = collections.Counter()
+    self.clock = clock or time.perf_counter
+    fill = config.fill or getattr(config.policy, "fill", None)
+    if fill is None and jax.default_backend() == "gpu":  # give the chunk-first pass 2 CTAs per SM
+      fill = GpuFill(num_kv_heads=model.config.num_kv_heads,
+                     group_size=model.config.num_heads // model.config.num_kv_heads)
+    self.scheduler = Scheduler(config, self.max_context, self.stats, fill=fill)
+    self.runner = ModelRunner(model, config, pool_sharding)
+    self.tree = self.scheduler.tree
+    self.plans = self.scheduler.plans
+    self._ids = itertools.count()
+    self._outbox: collections.deque[TokenEvent] = collections.deque()  # committed, not delivered
+    self._delivered: list[TokenEvent] = []  # delivered (callback run), not yet returned by step()
+    self._phase: str | None = None  # "compute" (plan, model call, commit) | "deliver" | None
+    self._commit_time = 0.0  # clock of the last commit: the finish time of a failed callback
+
+  @property
+  def pool(self):
+    """The device KV pool (`KVPool`)."""
+    return self.runner.pool
 
   # ------------------------------------------------------------------ public API
   def submit(self, prompt: Sequence[int], max_new_tokens: int = 16, *, stop_ids: Sequence[int] = (),
              sampling: sampling_lib.SamplingParams | None = None,
              callback: Callable[[TokenEvent], None] | None = None) -> int:
-    """Queues a request; returns its id. Validates everything before touching any state.
+    """Queues a request; returns its id. Validates everything before touching any state; may be
+    called from a callback.
 
     Args:
-      prompt: token ids (non-empty, each in `[0, vocab_size)`), at most the model's context.
+      prompt: token ids (a non-empty sequence or 1-D integer array of ints in
+        `[0, vocab_size)`; bools, floats, strings and mappings are rejected), at most the model's
+        context.
       max_new_tokens: > 0.
-      stop_ids: generation stops after emitting one of these tokens (it is part of the output).
+      stop_ids: generation stops after emitting one of these tokens (it is part of the output);
+        a sequence or set of token ids.
       sampling: `SamplingParams` (default greedy).
-      callback: called with each `TokenEvent` of this request as it is produced.
+      callback: called with each `TokenEvent` of this request after the step that produced it
+        committed; if it raises an `Exception`, the request finishes with
+        `finish_reason="error"` (see the module docstring).
 
     Raises:
       ValueError: any invalid argument (the message names the offending value).
+      TypeError: a callback that is not callable.
+      ReentrantCallError: called from the sharing policy or the clock during a step.
     """
+    self._check_not_computing("submit")
     prompt = self._check_tokens(prompt, "prompt")
     if len(prompt) > self.max_context:
       raise ValueError(f"prompt has {len(prompt)} tokens, longer than the model's context "
                        f"{self.max_context}")
-    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
-        or max_new_tokens <= 0):
+    if not checks.is_int(max_new_tokens) or max_new_tokens <= 0:
       raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    stop = self._check_tokens(stop_ids, "stop_ids", allow_empty=True)
+    stop = self._check_tokens(stop_ids, "stop_ids", allow_empty=True, allow_set=True)
     sampling = sampling_lib.GREEDY if sampling is None else sampling
     if not isinstance(sampling, sampling_lib.SamplingParams):
       raise ValueError(f"sampling must be a SamplingParams, got {sampling!r}")
+    checks.check_callable(callback, "callback")
     total = min(len(prompt) + int(max_new_tokens), self.max_context + 1)
     need = -(-total // self.config.chunk_size)
     if need > self.config.n_chunks:
       raise ValueError(f"request needs up to {need} chunks ({len(prompt)} prompt + {max_new_tokens} "
                        f"new tokens) but the pool has only {self.config.n_chunks}")
+    now = self.clock()
     rid = next(self._ids)
-    req = _Request(rid, prompt, int(max_new_tokens), frozenset(stop), sampling, callback,
-                   submit_time=self.clock())
-    self._requests[rid] = req
-    self._waiting.append(req)
+    self.scheduler.add(Request(rid, prompt, int(max_new_tokens), frozenset(stop), sampling,
+                               callback, submit_time=now))
     return rid
 
   def step(self) -> list[TokenEvent]:
-    """One engine iteration (admit + prefill, then one decode step); returns the new tokens."""
-    events: list[TokenEvent] = []
-    self._admit(events)
-    if self._running:
-      self._decode(events)
+    """One engine iteration (admit + prefill, then one decode step); returns the new tokens,
+    after running their callbacks. Raises what a model call raised, with the engine consistent
+    (see the module docstring), and `ReentrantCallError` when called from inside a step."""
+    with self._phase_of_step():
+      self._prefill()
+      self._decode()
+      self._phase = "deliver"
+      self._deliver()
+    events, self._delivered = self._delivered, []
     return events
 
   def has_work(self) -> bool:
-    return bool(self._waiting or self._running)
+    return bool(self.scheduler.waiting or self.scheduler.running or self._outbox
+                or self._delivered)
 
   def run(self, max_steps: int | None = None) -> Iterator[TokenEvent]:
     """Steps until every request finished (or `max_steps`), yielding tokens as they come."""
+    self._check_idle("run")
     for i in itertools.count():
       if not self.has_work() or (max_steps is not None and i >= max_steps):
         return
@@ -233,6 +296,7 @@ class Engine:
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16,
                **kw) -> list[list[int]]:
     """Submits every prompt, runs to completion, returns each request's generated tokens."""
+    self._check_idle("generate")
     rids = [self.submit(p, max_new_tokens, **kw) for p in prompts]
     for _ in self.run():
       pass
@@ -240,289 +304,187 @@ class Engine:
 
   def stream(self, prompt: Sequence[int], max_new_tokens: int = 16, **kw) -> Iterator[int]:
     """Submits a request and yields its tokens as they are generated (driving the engine; other
-    requests progress too)."""
+    requests progress too). Raises `RequestError` if the request's callback raised."""
+    self._check_idle("stream")
     rid = self.submit(prompt, max_new_tokens, **kw)
-    while True:
-      req = self._requests[rid]
-      if req.status == "finished":
-        return
+    req = self.scheduler.requests[rid]
+    while req.status != "finished" or self._undelivered(rid):
       for ev in self.step():
         if ev.request_id == rid:
           yield ev.token
+    if req.error is not None:
+      raise RequestError(f"request {rid} failed: its callback raised {req.error!r}") from req.error
 
   def result(self, request_id: int) -> list[int]:
     """The tokens generated so far for a request. Raises KeyError for an unknown id."""
     return list(self._get(request_id).output)
 
   def request_info(self, request_id: int) -> dict:
-    """Status, finish reason, timings and cache statistics of a request."""
+    """Status, finish reason (and the callback's exception if it is "error"), timings and cache
+    statistics of a request."""
     r = self._get(request_id)
-    return dict(status=r.status, finish_reason=r.finish_reason, num_generated=len(r.output),
-                prompt_len=len(r.prompt), num_preemptions=r.num_preemptions,
-                num_cached=r.num_cached_at_admission, submit_time=r.submit_time,
-                first_token_time=r.first_token_time, finish_time=r.finish_time,
-                logits=r.logits)
+    return dict(status=r.status, finish_reason=r.finish_reason, error=r.error,
+                num_generated=len(r.output), prompt_len=len(r.prompt),
+                num_preemptions=r.num_preemptions, num_cached=r.num_cached_at_admission,
+                submit_time=r.submit_time, first_token_time=r.first_token_time,
+                finish_time=r.finish_time, logits=r.logits)
 
   def cancel(self, request_id: int) -> None:
-    """Stops a request (waiting or running) and frees its sequence. KeyError if unknown."""
+    """Stops a request (waiting or running) and frees its sequence; once it returns the request
+    emits nothing more (tokens generated but not yet delivered are dropped from its output). A
+    request whose last event was delivered is left as it is. May be called from a callback.
+    Raises KeyError if unknown."""
+    self._check_not_computing("cancel")
     req = self._get(request_id)
-    if req.status == "waiting":
-      self._waiting.remove(req)
-    elif req.status == "running":
-      self._release(req, cache=False)
-    req.status, req.finish_reason = "finished", req.finish_reason or "cancelled"
+    if req.status == "finished" and not any(ev.request_id == req.rid for ev in self._outbox):
+      return  # every event already went to its callback
+    self._stop(req, "cancelled")
 
   def num_running(self) -> int:
-    return len(self._running)
+    return len(self.scheduler.running)
 
   def num_waiting(self) -> int:
-    return len(self._waiting)
+    return len(self.scheduler.waiting)
 
   @property
   def plan_capacities(self) -> tuple:
     """The largest decode-plan capacities `(R, P, K, I, M)` used so far."""
-    return self._plan_caps
+    return self.runner.plan_capacities
 
   def kv_bytes_in_use(self) -> int:
     """Bytes of the chunks currently held (running sequences and cached prefixes)."""
     return self.tree.pool.num_used * self.pool.nbytes_per_chunk()
 
-  # ------------------------------------------------------------------ validation
-  def _check_tokens(self, tokens, what: str, allow_empty: bool = False) -> list[int]:
-    if isinstance(tokens, (str, bytes)):
-      raise ValueError(f"{what} must be a sequence of token ids, got {tokens!r}")
+  def check_consistency(self) -> None:
+    """Raises AssertionError unless the tree, the queues and every request agree (tests)."""
+    self.scheduler.check_consistency()
+    for ev in list(self._outbox) + self._delivered:
+      assert ev.request_id in self.scheduler.requests
+
+  # ------------------------------------------------------------------ the step transaction
+  def _prefill(self) -> None:
+    batches = self.scheduler.admit()
+    for i, batch in enumerate(batches):
+      resets = self.runner.num_pool_resets
+      try:
+        now = self.clock()
+        tokens, logits = self.runner.prefill(batch)
+      except BaseException:
+        self.scheduler.abort_prefill(batches[i:])
+        self._after_failure(resets)
+        raise
+      self._outbox.extend(self.scheduler.commit_prefill(batch, tokens, logits, now))
+      self._commit_time = now
+
+  def _decode(self) -> None:
+    work = self.scheduler.prepare_decode()
+    if work is None:
+      return
+    resets = self.runner.num_pool_resets
     try:
-      arr = np.asarray(list(tokens))
-    except TypeError:
-      raise ValueError(f"{what} must be a sequence of token ids, got {tokens!r}") from None
+      now = self.clock()
+      plan = self.plans.plan()
+      tokens, logits = self.runner.decode(work, plan)
+    except BaseException:
+      self.scheduler.abort_decode(work)
+      self._after_failure(resets)
+      raise
+    self._outbox.extend(self.scheduler.commit_decode(work, tokens, logits, now))
+    self._commit_time = now
+
+  def _after_failure(self, resets_before: int) -> None:
+    if self.runner.num_pool_resets != resets_before:  # every chunk's K/V is gone
+      self.scheduler.drop_all_kv()
+      self.stats["pool_resets"] += 1
+
+  def _deliver(self) -> None:
+    """Runs the callbacks of committed events in order, moving them to `_delivered`."""
+    while self._outbox:
+      ev = self._outbox.popleft()
+      req = self.scheduler.requests[ev.request_id]
+      req.num_delivered += 1
+      if req.callback is not None:
+        try:
+          req.callback(ev)
+        except Exception as e:  # pylint: disable=broad-except
+          ev = dataclasses.replace(ev, finish_reason="error")
+          self._stop(req, "error", error=e, now=self._commit_time)
+        except BaseException:
+          self._delivered.append(ev)
+          raise
+      self._delivered.append(ev)
+
+  def _stop(self, req: Request, reason: str, error: Exception | None = None,
+            now: float | None = None) -> None:
+    now = self.clock() if now is None else now
+    self.scheduler.stop(req, reason, now, error)
+    if any(ev.request_id == req.rid for ev in self._outbox):
+      self._outbox = collections.deque(ev for ev in self._outbox if ev.request_id != req.rid)
+
+  def _undelivered(self, rid: int) -> bool:
+    """Whether some event of the request has not been returned by `step()` yet."""
+    return any(ev.request_id == rid for ev in itertools.chain(self._outbox, self._delivered))
+
+  # ------------------------------------------------------------------ re-entrancy
+  @contextlib.contextmanager
+  def _phase_of_step(self):
+    self._check_idle("step")
+    self._phase = "compute"
+    try:
+      yield
+    finally:
+      self._phase = None
+
+  def _check_idle(self, what: str) -> None:
+    if self._phase is not None:
+      raise ReentrantCallError(
+          f"Engine.{what}() called from inside a step (from a callback, the sharing policy or "
+          f"the clock); call it after step() returns")
+
+  def _check_not_computing(self, what: str) -> None:
+    if self._phase == "compute":
+      raise ReentrantCallError(
+          f"Engine.{what}() called while a step computes (from the sharing policy or the "
+          f"clock); it may be called from callbacks or between steps")
+
+  # ------------------------------------------------------------------ validation
+  def _check_tokens(self, tokens, what: str, allow_empty: bool = False,
+                    allow_set: bool = False) -> list[int]:
+    """A list of token ids in `[0, vocab_size)`; ValueError for anything else (nothing is
+    converted: bools, floats, strings, mappings and nested lists are rejected)."""
+    if isinstance(tokens, (set, frozenset)) and allow_set:
+      tokens = list(tokens)  # a set of stop ids: order does not matter
+    if isinstance(tokens, (str, bytes, bytearray, Mapping, set, frozenset)):
+      raise ValueError(f"{what} must be a sequence of token ids, got {type(tokens).__name__} "
+                       f"{tokens!r:.80}")
+    if isinstance(tokens, Sequence):
+      values = list(tokens)
+      bad = [t for t in values if not checks.is_int(t)]
+      if bad:
+        raise ValueError(f"{what} must hold integer token ids, got {bad[0]!r} "
+                         f"({type(bad[0]).__name__})")
+      arr = np.asarray(values, np.int64)
+    elif hasattr(tokens, "__array__"):  # NumPy / JAX arrays
+      arr = np.asarray(tokens)
+      if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be a 1-D integer array of token ids, got shape "
+                         f"{arr.shape} dtype {arr.dtype}")
+    else:
+      raise ValueError(f"{what} must be a sequence of token ids, got {type(tokens).__name__} "
+                       f"{tokens!r:.80}")
     if arr.size == 0:
       if allow_empty:
         return []
       raise ValueError(f"{what} is empty")
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-      raise ValueError(f"{what} must be a 1-D sequence of integer token ids, got {tokens!r}")
     bad = arr[(arr < 0) | (arr >= self.vocab_size)]
     if bad.size:
       raise ValueError(f"{what} has token id {int(bad[0])} outside [0, {self.vocab_size})")
     return arr.tolist()
 
-  def _get(self, request_id) -> _Request:
-    try:
-      return self._requests[request_id]
-    except (KeyError, TypeError):
-      raise KeyError(f"unknown request id {request_id!r}") from None
-
-  # ------------------------------------------------------------------ jitted model steps
-  def _prefill_fn(self, *args):
-    return _prefill_step(self._graphdef, *args)
-
-  def _decode_fn(self, *args):
-    return _decode_step(self._graphdef, *args)
-
-  @staticmethod
-  def _sampling_arrays(reqs: Sequence[_Request | None], size: int):
-    temp = np.zeros(size, np.float32)
-    top_k = np.zeros(size, np.int32)
-    top_p = np.ones(size, np.float32)
-    seeds = np.zeros(size, np.uint32)
-    counters = np.zeros(size, np.int32)
-    for i, r in enumerate(reqs):
-      if r is not None:
-        s = r.sampling
-        temp[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
-        seeds[i], counters[i] = s.seed & 0xFFFFFFFF, len(r.output)
-    return temp, top_k, top_p, seeds, counters
-
-  # ------------------------------------------------------------------ admission and prefill
-  def _admit(self, events: list[TokenEvent]) -> None:
-    """Admits waiting requests (FIFO) and prefills them, several per model call.
-
-    A request whose matched prefix includes chunks that an earlier request of the same batch has
-    yet to compute starts a new batch, so every prefill reads only K/V already written.
-    """
-    batch: list[tuple[_Request, list[int], object]] = []
-    pending: set[int] = set()  # slots the current batch will write
-    c = self.config.chunk_size
-    while self._waiting and len(self._running) < self.config.max_batch:
-      req = self._waiting[0]
-      context = req.prompt + req.output
-      res = self._insert_with_eviction(context)
-      if res is None:
-        self.stats["admission_waits"] += 1
-        break  # strict FIFO: wait for running requests to free chunks
-      self._waiting.popleft()
-      req.seq_id, req.status = res.seq_id, "running"
-      req.admitted_at = next(self._admissions)
-      req.num_cached_at_admission = res.num_cached
-      self._running[req.rid] = req
-      self._by_seq[res.seq_id] = req
-      matched = self.tree.chunk_path(res.seq_id)[: res.num_cached // c]
-      if batch and (len(batch) == self.config.max_prefill_batch or pending.intersection(matched)):
-        self._prefill(batch, events)
-        batch, pending = [], set()
-      batch.append((req, context, res))
-      pending.update(int(x) for x in res.slots[:, 0])
-    if batch:
-      self._prefill(batch, events)
-
-  def _insert_with_eviction(self, tokens):
-    """Inserts (the tree evicts cached prefixes if it must); None when even that cannot fit."""
-    evicted = self.tree.num_evictions
-    try:
-      return self.tree.insert(tokens, min_new_tokens=1)
-    except PoolExhaustedError:
-      return None
-    finally:
-      self.stats["evictions"] += self.tree.num_evictions - evicted
-
-  def _prefill(self, batch: list[tuple[_Request, list[int], object]], events) -> None:
-    """One model call computing the unmatched suffix of every (request, context, insert result);
-    samples each request's next token. Sequences are padded to powers of two (sequences and
-    tokens) so few shapes compile; padding sequences repeat the first one with writes dropped."""
-    drop = self.pool.drop_slot
-    s_cap = bucket(len(batch))
-    t_cap = bucket(max(len(ctx) - res.num_cached for _, ctx, res in batch),
-                   self.config.min_prefill_tokens)
-    paths = [self.tree.chunk_path(req.seq_id) for req, _, _ in batch]
-    self._path_cap = max(bucket(max(len(p) for p in paths), 4), self._path_cap)
-    tokens = np.zeros((s_cap, t_cap), np.int32)
-    positions = np.zeros((s_cap, t_cap), np.int32)
-    slots = np.zeros((s_cap, t_cap, 2), np.int32)
-    slots[..., 0] = drop
-    chunk_paths = np.zeros((s_cap, self._path_cap), np.int32)
-    last = np.zeros(s_cap, np.int32)
-    for i in range(s_cap):
-      src = i if i < len(batch) else 0
-      _, context, res = batch[src]
-      start, n = res.num_cached, len(context)  # tokens [start, n) are computed
-      tokens[i, : n - start] = context[start:]
-      positions[i, : n - start] = np.arange(start, n)
-      if i == src:  # padding sequences keep the dropped slots
-        slots[i] = kv_pool_lib.pad_slots(res.slots, t_cap, drop)
-      chunk_paths[i, : len(paths[src])] = paths[src]
-      last[i] = n - start - 1
-    inputs = layers.PrefillInputs(positions=positions, slots=slots, chunk_paths=chunk_paths)
-    reqs = [req for req, _, _ in batch]
-    samp = self._sampling_arrays(reqs + [None] * (s_cap - len(batch)), s_cap)
-    tok, logits, self.pool = self._prefill_fn(self._state, self.pool, tokens, inputs, last, *samp)
-    tok = np.asarray(tok)
-    logits = np.asarray(logits) if self.config.record_logits else None
-    self.stats["prefill_calls"] += 1
-    for i, (req, context, res) in enumerate(batch):
-      self.stats["prefill_tokens"] += len(context) - res.num_cached
-      self.stats["prefill_tokens_cached"] += res.num_cached
-      self._emit(req, int(tok[i]), None if logits is None else logits[i], events)
-
-  # ------------------------------------------------------------------ decode
-  def _decode(self, events: list[TokenEvent]) -> None:
-    reqs = self._append_pending()
-    if not reqs:
-      return
-    plan = self._pad_plan(self.plans.plan())
-    r_cap = plan.row_capacity
-    row_ids = np.asarray(plan.row_seq_ids)
-    tokens = np.zeros(r_cap, np.int32)
-    positions = np.zeros(r_cap, np.int32)
-    slots = np.zeros((r_cap, 2), np.int32)
-    slots[:, 0] = self.pool.drop_slot
-    row_reqs: list[_Request | None] = [None] * r_cap
-    for r in range(int(plan.num_rows)):
-      req = self._by_seq.get(int(row_ids[r]))
-      if req is None or req.rid not in reqs:
-        continue  # not a running request (cannot happen: every tree sequence is one)
-      row_reqs[r] = req
-      tokens[r] = req.output[-1]
-      positions[r] = req.num_tokens - 1
-      slots[r] = reqs[req.rid]
-    samp = self._sampling_arrays(row_reqs, r_cap)
-    inputs = layers.DecodeInputs(positions=positions, slots=slots, plan=plan)
-    tok, logits, self.pool = self._decode_fn(self._state, self.pool, tokens, inputs, *samp)
-    tok = np.asarray(tok)
-    logits = np.asarray(logits) if self.config.record_logits else None
-    self.stats["decode_steps"] += 1
-    self.stats["decode_rows"] += len(reqs)
-    for r, req in enumerate(row_reqs):
-      if req is not None:
-        self._emit(req, int(tok[r]), None if logits is None else logits[r], events)
-
-  def _pad_plan(self, plan):
-    """Pads the plan's capacities up to their high-water marks (never shrinking), so the jitted
-    step recompiles only when a capacity exceeds every earlier one. Spare entries are inert."""
-    caps = plan_capacities(plan)
-    prev = tuple(self._plan_caps) + (0,) * (len(caps) - len(self._plan_caps))
-    self._plan_caps = tuple(max(a, b) for a, b in zip(caps, prev))
-    return pad_plan(plan, self._plan_caps)
-
-  def _append_pending(self) -> dict[int, np.ndarray]:
-    """Appends every running request's last sampled token to the tree; returns {rid: slot [2]}.
-
-    The tree evicts cached prefixes when it needs their slots; if that is not enough, the latest
-    admitted requests are preempted.
-    """
-    while self._running:
-      reqs = list(self._running.values())
-      evicted = self.tree.num_evictions
-      try:
-        slots = self.tree.append_tokens([r.seq_id for r in reqs], [r.output[-1] for r in reqs])
-        return {r.rid: s for r, s in zip(reqs, slots)}
-      except PoolExhaustedError:
-        self._preempt(max(reqs, key=lambda r: r.admitted_at))
-      finally:
-        self.stats["evictions"] += self.tree.num_evictions - evicted
-    return {}
-
-  def _preempt(self, req: _Request) -> None:
-    self._release(req, cache=False)
-    req.status = "waiting"
-    req.num_preemptions += 1
-    self._waiting.appendleft(req)
-    self.stats["preemptions"] += 1
-
-  # ------------------------------------------------------------------ finishing and caching
-  def _emit(self, req: _Request, token: int, logits, events) -> None:
-    req.output.append(token)
-    if logits is not None:
-      req.logits.append(np.asarray(logits, np.float32))
-    if req.first_token_time is None:
-      req.first_token_time = self.clock()
-    reason = None
-    if token in req.stop_ids:
-      reason = "stop"
-    elif len(req.output) >= req.max_new_tokens:
-      reason = "length"
-    elif req.num_tokens >= self.max_context:
-      reason = "context"
-    ev = TokenEvent(req.rid, token, len(req.output) - 1, reason)
-    if reason is not None:
-      req.finish_reason, req.finish_time = reason, self.clock()
-      self._release(req, cache=self.config.cache_prefixes)
-      req.status = "finished"
-    events.append(ev)
-    if req.callback is not None:
-      req.callback(ev)
-
-  def _release(self, req: _Request, cache: bool) -> None:
-    """Removes a running request's sequence (keeping its full chunks cached if asked)."""
-    self.tree.remove(req.seq_id, keep_cached=cache)
-    del self._by_seq[req.seq_id]
-    del self._running[req.rid]
-    req.seq_id = None
-
-
-# Module-level jitted steps (the graph definition is static), so engines over the same model share
-# compiled executables. The pool (argument 2) is donated: it is updated in place.
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_step(graphdef, state, pool, tokens, inputs, last, temp, top_k, top_p, seeds, counters):
-  model = nnx.merge(graphdef, state)
-  logits, pool = model(tokens, pool, inputs, logits_index=last)
-  return sampling_lib.sample(logits, temp, top_k, top_p, seeds, counters), logits, pool
-
-
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode_step(graphdef, state, pool, tokens, inputs, temp, top_k, top_p, seeds, counters):
-  model = nnx.merge(graphdef, state)
-  logits, pool = model(tokens, pool, inputs)
-  return sampling_lib.sample(logits, temp, top_k, top_p, seeds, counters), logits, pool
+  def _get(self, request_id) -> Request:
+    if not checks.is_int(request_id) or request_id not in self.scheduler.requests:
+      raise KeyError(f"unknown request id {request_id!r}")
+    return self.scheduler.requests[request_id]
 
 
 def demo(num_requests: int = 4, system_prompt_len: int = 48, question_len: int = 6,

@@ -39,7 +39,7 @@ MODEL_AXIS = "model"
 
 # ----------------------------------------------------------------------------- inputs (pytrees)
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["positions", "slots", "chunk_paths"], meta_fields=[])
+                   data_fields=["positions", "slots", "chunk_paths"], meta_fields=["check"])
 @dataclasses.dataclass(frozen=True)
 class PrefillInputs:
   """Prefill of the unmatched suffixes of `S` sequences, each padded to `T` tokens.
@@ -51,14 +51,18 @@ class PrefillInputs:
       and tokens whose K/V is already cached use slot `n_chunks` (write dropped).
     chunk_paths: int32 `[S, Pc]` each sequence's pool slots, root to leaf, covering at least every
       position in `positions`; padded with any valid slot (masked by causality).
+    check: validate the index arrays (`check_prefill_inputs`) when the layer gets them as concrete
+      values (outside `jit`); on by default. The engine, which builds them from the tree, passes
+      False. Static (part of the pytree structure).
   """
   positions: Any
   slots: Any
   chunk_paths: Any
+  check: bool = True
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["positions", "slots", "plan"], meta_fields=[])
+                   data_fields=["positions", "slots", "plan"], meta_fields=["check"])
 @dataclasses.dataclass(frozen=True)
 class DecodeInputs:
   """One new token per plan row.
@@ -68,10 +72,13 @@ class DecodeInputs:
     slots: int32 `[R, 2]` (pool slot, offset) of each row's new token, already appended to the
       tree (so the plan's lengths include it); spare rows use slot `n_chunks` (write dropped).
     plan: the `DecodePlan` (rows in plan row order).
+    check: validate the host-side inputs (`check_decode_inputs`) when they are concrete (outside
+      `jit`); on by default. The engine, whose plans come from its own tree, passes False. Static.
   """
   positions: Any
   slots: Any
   plan: Any
+  check: bool = True
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["positions"], meta_fields=[])
@@ -84,6 +91,125 @@ class DenseInputs:
       at cache row `p`; padding tokens use position `T_max` (write dropped, output garbage).
   """
   positions: Any
+
+
+# ----------------------------------------------------------------------------- input checks
+def _host(*arrays) -> list[np.ndarray] | None:
+  """The arrays as NumPy, or None if any is traced (inside `jit` nothing can be checked)."""
+  if any(isinstance(a, jax.core.Tracer) for a in arrays):
+    return None
+  return [np.asarray(a) for a in arrays]
+
+
+def _check_index_array(a: np.ndarray, name: str, shape: tuple) -> None:
+  if a.dtype.kind not in "iu":
+    raise ValueError(f"{name} must be an integer array, got dtype {a.dtype}")
+  if a.shape != shape:
+    raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+  return tuple(int(x) for x in np.argwhere(mask)[0])
+
+
+def _check_writes(slot: np.ndarray, off: np.ndarray, live: np.ndarray, name: str,
+                  n_chunks: int, chunk_size: int) -> None:
+  """Written (slot, offset) pairs must be inside the pool and distinct: a negative slot would wrap
+  to the end of the pool, a repeated one races. `live` marks the entries to check; slot `n_chunks`
+  drops a write."""
+  outside = live & ((slot < 0) | (slot > n_chunks) | (off < 0) | (off >= chunk_size))
+  if outside.any():
+    i = _first(outside)
+    raise ValueError(f"{name}{list(i)} = ({int(slot[i])}, {int(off[i])}): the pool has slots "
+                     f"[0, {n_chunks}) ({n_chunks} drops the write) and offsets [0, {chunk_size})")
+  keys = np.sort((slot.astype(np.int64) * chunk_size + off)[live & (slot != n_chunks)])
+  repeated = keys[1:][keys[1:] == keys[:-1]]
+  if repeated.size:
+    k = int(repeated[0])
+    raise ValueError(f"{name}: (slot {k // chunk_size}, offset {k % chunk_size}) is written by "
+                     f"{int((keys == k).sum())} tokens")
+
+
+def check_prefill_inputs(positions, slots, chunk_paths, *, n_chunks: int, chunk_size: int) -> bool:
+  """Checks prefill inputs against a pool of `n_chunks` chunks of `chunk_size` tokens.
+
+  Vectorised NumPy, O(S * (T + Pc)) plus a sort of the written slots: well under a millisecond
+  for a few thousand tokens. Rejects what would read or write the wrong pool memory silently (XLA
+  clamps out-of-range gathers and wraps negative scatter indices):
+
+  * integer arrays shaped `positions [S, T]`, `slots [S, T, 2]`, `chunk_paths [S, Pc]`;
+  * chunk path entries outside `[0, n_chunks)`;
+  * positions < 0 or beyond the chunk path (`>= Pc * chunk_size`);
+  * written slots outside the pool, offsets outside `[0, chunk_size)`, the same (slot, offset)
+    written twice, and a token written anywhere but where its sequence's attention reads it:
+    `(chunk_paths[s, p // c], p % c)` for position `p` (slot `n_chunks` drops a write).
+
+  Returns:
+    True if checked, False if any array is traced (inside `jit`: check the host arrays before the
+    jitted call instead).
+
+  Raises:
+    ValueError: naming the field, the index and the value.
+  """
+  host = _host(positions, slots, chunk_paths)
+  if host is None:
+    return False
+  positions, slots, chunk_paths = host
+  c = chunk_size
+  if positions.ndim != 2:
+    raise ValueError(f"PrefillInputs.positions must be [S, T], got shape {positions.shape}")
+  s_, t = positions.shape
+  _check_index_array(positions, "PrefillInputs.positions", (s_, t))
+  _check_index_array(slots, "PrefillInputs.slots", (s_, t, 2))
+  if chunk_paths.ndim != 2:
+    raise ValueError(f"PrefillInputs.chunk_paths must be [S, Pc], got shape {chunk_paths.shape}")
+  _check_index_array(chunk_paths, "PrefillInputs.chunk_paths", (s_, chunk_paths.shape[1]))
+  pc = chunk_paths.shape[1]
+  if chunk_paths.size and (chunk_paths.min() < 0 or chunk_paths.max() >= n_chunks):
+    i = _first((chunk_paths < 0) | (chunk_paths >= n_chunks))
+    raise ValueError(f"PrefillInputs.chunk_paths{list(i)} = {int(chunk_paths[i])} is outside the "
+                     f"pool's slots [0, {n_chunks})")
+  if positions.size and (positions.min() < 0 or positions.max() >= pc * c):
+    i = _first((positions < 0) | (positions >= pc * c))
+    raise ValueError(f"PrefillInputs.positions{list(i)} = {int(positions[i])} is outside the chunk "
+                     f"path, which covers positions [0, {pc * c}) ({pc} chunks of {c})")
+  slot, off = slots[..., 0], slots[..., 1]
+  written = slot != n_chunks
+  path_slot = np.take_along_axis(chunk_paths, positions // c, axis=1)  # [S, T]
+  misplaced = written & ((slot != path_slot) | (off != positions % c))
+  if misplaced.any():
+    _check_writes(slot, off, misplaced, "PrefillInputs.slots", n_chunks, c)  # outside the pool?
+    i = _first(misplaced)
+    raise ValueError(
+        f"PrefillInputs.slots{list(i)} = ({int(slot[i])}, {int(off[i])}), but position "
+        f"{int(positions[i])} of sequence {i[0]} is read from (chunk_paths[{i[0]}, "
+        f"{int(positions[i]) // c}] = {int(path_slot[i])}, {int(positions[i]) % c})")
+  _check_writes(slot, off, written, "PrefillInputs.slots", n_chunks, c)
+  return True
+
+
+def check_decode_inputs(positions, slots, num_rows, *, n_chunks: int, chunk_size: int) -> bool:
+  """Checks the per-row decode inputs (not the plan, which `attention.decode_attention`
+  validates): integer `positions [R]` >= 0 and `slots [R, 2]` written inside the pool, each
+  (slot, offset) at most once; rows from `num_rows` (the plan's, a scalar) on are spare and not
+  checked.
+
+  Returns True if checked, False if any array is traced. Raises ValueError.
+  """
+  host = _host(positions, slots, num_rows)
+  if host is None:
+    return False
+  positions, slots, num_rows = host
+  r = positions.shape[0] if positions.ndim == 1 else -1
+  _check_index_array(positions, "DecodeInputs.positions", (r,))
+  _check_index_array(slots, "DecodeInputs.slots", (r, 2))
+  live = np.arange(r) < num_rows
+  negative = live & (positions < 0)
+  if negative.any():
+    i = _first(negative)[0]
+    raise ValueError(f"DecodeInputs.positions[{i}] = {int(positions[i])} is negative")
+  _check_writes(slots[:, 0], slots[:, 1], live, "DecodeInputs.slots", n_chunks, chunk_size)
+  return True
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -137,7 +263,8 @@ def _softmax_attend(q, k, v, mask, sm_scale):
 
 
 def prefill_attention(q: jax.Array, positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
-                      chunk_paths: jax.Array, *, sm_scale: float | None = None) -> jax.Array:
+                      chunk_paths: jax.Array, *, sm_scale: float | None = None,
+                      check: bool = True) -> jax.Array:
   """Causal attention of new tokens to their sequence's chunks in the pool (already written).
 
   Args:
@@ -146,6 +273,8 @@ def prefill_attention(q: jax.Array, positions: jax.Array, k_pool: jax.Array, v_p
     k_pool, v_pool: `[n_chunks, h_kv, c, d]` one layer's pool, the new tokens' K/V already written.
     chunk_paths: int32 `[S, Pc]` each sequence's chunk slots, root to leaf (padding masked).
     sm_scale: softmax scale, default `1/sqrt(d)`.
+    check: when `positions` and `chunk_paths` are concrete (outside `jit`), reject chunk path
+      entries outside the pool and positions the path does not cover (ValueError).
 
   Returns:
     `[S, T, h, d]` in `q.dtype`.
@@ -156,6 +285,11 @@ def prefill_attention(q: jax.Array, positions: jax.Array, k_pool: jax.Array, v_p
     raise ValueError(f"query heads must be a multiple of KV heads: {q.shape=} {k_pool.shape=}")
   if chunk_paths.ndim != 2 or chunk_paths.shape[0] != s_:
     raise ValueError(f"expected chunk_paths [S, Pc] with S = {s_}, got {chunk_paths.shape=}")
+  if positions.shape != (s_, t):
+    raise ValueError(f"expected positions [S, T] = {(s_, t)}, got {positions.shape=}")
+  if check:  # no writes here: every slot is "dropped", so only the reads are checked
+    check_prefill_inputs(positions, np.full((s_, t, 2), n_chunks, np.int32), chunk_paths,
+                         n_chunks=n_chunks, chunk_size=c)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   pc = chunk_paths.shape[1]
   k = jnp.moveaxis(k_pool[chunk_paths], 2, 1).reshape(s_, h_kv, pc * c, d)
@@ -187,10 +321,12 @@ def dense_attention(q: jax.Array, positions: jax.Array, k_cache: jax.Array, v_ca
   return jnp.moveaxis(o, 3, 1).reshape(b, t, h, d).astype(q.dtype)
 
 
-def decode_attention(q, k_pool, v_pool, plan, *, impl: str = "xla", sm_scale=None):
+def decode_attention(q, k_pool, v_pool, plan, *, impl: str = "xla", sm_scale=None,
+                     validate: bool = True):
   """Two-phase decode attention, `[R, h, d]` -> `[R, h, d]`: `chunkattn_jax.attention`'s, with the
   implementation (one of `IMPLS`) as data."""
-  return attention.decode_attention(q, k_pool, v_pool, plan, impl=impl, sm_scale=sm_scale)
+  return attention.decode_attention(q, k_pool, v_pool, plan, impl=impl, sm_scale=sm_scale,
+                                    validate=validate)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -280,6 +416,9 @@ class ChunkAttention(nnx.Module):
       if x.ndim != 3 or inputs.positions.shape != x.shape[:2]:
         raise ValueError(f"prefill expects x [S, T, D] and positions [S, T], got {x.shape=} "
                          f"{inputs.positions.shape=}")
+      if inputs.check:
+        check_prefill_inputs(inputs.positions, inputs.slots, inputs.chunk_paths,
+                             n_chunks=k_cache.shape[0], chunk_size=k_cache.shape[2])
       q, k, v = self._qkv(x, inputs.positions)
       s_, t = x.shape[:2]
       slots = inputs.slots.reshape(s_ * t, 2)
@@ -287,18 +426,23 @@ class ChunkAttention(nnx.Module):
           k_cache, v_cache, k.reshape(s_ * t, *k.shape[2:]), v.reshape(s_ * t, *v.shape[2:]), slots)
       attn = self._sharded(
           lambda q_, kp, vp, pos, paths: prefill_attention(q_, pos, kp, vp, paths,
-                                                           sm_scale=self.sm_scale),
+                                                           sm_scale=self.sm_scale, check=False),
           (2, 1, 1), (4, 2), 2)
       o = attn(q, k_cache, v_cache, inputs.positions, inputs.chunk_paths)
     elif isinstance(inputs, DecodeInputs):
       if x.ndim != 2 or inputs.positions.shape != x.shape[:1]:
         raise ValueError(f"decode expects x [R, D] and positions [R], got {x.shape=} "
                          f"{inputs.positions.shape=}")
+      if inputs.check:
+        check_decode_inputs(inputs.positions, inputs.slots, inputs.plan.num_rows,
+                            n_chunks=k_cache.shape[0], chunk_size=k_cache.shape[2])
+        # The plan's values too (skipped for traced plans, e.g. inside the engine's jitted step).
+        attention.validate_plan(inputs.plan, k_cache.shape[0])
       q, k, v = self._qkv(x, inputs.positions)
       k_cache, v_cache = kv_pool_lib.write_layer(k_cache, v_cache, k, v, inputs.slots)
       attn = self._sharded(
           lambda q_, kp, vp, plan: decode_attention(q_, kp, vp, plan, impl=self.impl,
-                                                    sm_scale=self.sm_scale),
+                                                    sm_scale=self.sm_scale, validate=False),
           (1, 1, 1), (3, 1), 1)
       o = attn(q, k_cache, v_cache, inputs.plan)
     elif isinstance(inputs, DenseInputs):

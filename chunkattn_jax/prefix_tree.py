@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from chunkattn_jax.checks import check_bool, is_int
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError
 
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 2, 256
@@ -91,13 +92,19 @@ def _as_token_list(tokens, what: str) -> list[int]:
   return arr.tolist()
 
 
-def _check_chunk_size(chunk_size) -> int:
-  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+def check_chunk_size(chunk_size) -> int:
+  """Validates a chunk size (a power of two in [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE]); returns it."""
+  if (not is_int(chunk_size)
       or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1)):
     raise ValueError(
         f"chunk_size must be a power of two in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}] "
         f"(the paper's experiments use 64), got {chunk_size!r}")
   return int(chunk_size)
+
+
+def _check_min_new_tokens(min_new_tokens, n: int) -> None:
+  if not is_int(min_new_tokens) or not 0 <= min_new_tokens <= n:
+    raise ValueError(f"min_new_tokens must be an integer in [0, {n}], got {min_new_tokens!r}")
 
 
 class PrefixTree:
@@ -110,15 +117,19 @@ class PrefixTree:
   they never appear as plan rows.
 
   Args:
-    pool: the ChunkPool whose slots hold the chunks, or an int capacity to create one.
+    pool: the ChunkPool whose slots hold the chunks (empty, and used by no other tree), or an
+      int capacity to create one.
     chunk_size: tokens per chunk `c`, a power of two in [2, 256] (16..256 for the GPU kernels;
       tests use smaller powers of two to make golden shapes readable).
     keep_cached: default for `remove(..., keep_cached=)`.
   """
 
   def __init__(self, pool: ChunkPool | int, chunk_size: int, *, keep_cached: bool = False):
-    self.chunk_size = _check_chunk_size(chunk_size)
-    self.pool = pool if isinstance(pool, ChunkPool) else ChunkPool(pool)
+    self.chunk_size = check_chunk_size(chunk_size)
+    keep_cached = check_bool(keep_cached, "keep_cached")
+    pool = pool if isinstance(pool, ChunkPool) else ChunkPool(pool)
+    pool.claim(self)  # raises (before any change) if another tree manages the pool
+    self.pool = pool
     self.keep_cached = keep_cached
     # Cached (count 0) nodes in eviction order. A node enters when its last sequence leaves,
     # deepest first, so every node comes after all of its cached descendants: the front is always a
@@ -140,7 +151,7 @@ class PrefixTree:
     return len(self._seqs)
 
   def __contains__(self, seq_id) -> bool:
-    return seq_id in self._seqs
+    return is_int(seq_id) and seq_id in self._seqs
 
   def seq_ids(self) -> list[int]:
     """Live sequence ids in row (depth-first leaf) order."""
@@ -189,6 +200,7 @@ class PrefixTree:
   def can_insert(self, tokens: Sequence[int], *, min_new_tokens: int = 0) -> bool:
     """Whether `insert(tokens, min_new_tokens=...)` would find room (no change to the tree)."""
     toks = _as_token_list(tokens, "can_insert")
+    _check_min_new_tokens(min_new_tokens, len(toks))
     node, num_cached = self._match(toks, len(toks) - min_new_tokens)
     reused = sum(1 for n in self._path_to(node) if n.count == 0)
     return self.chunks_needed(len(toks), num_cached) <= self.num_available_chunks - reused
@@ -198,8 +210,14 @@ class PrefixTree:
     return [n.slot for n in self._lru.values()]
 
   def evict_cached(self, n: int | None = None) -> list[int]:
-    """Evicts up to `n` (default all) cached chunks, least recently used first; returns the slots."""
-    n = len(self._lru) if n is None else min(n, len(self._lru))
+    """Evicts up to `n` (default all) cached chunks, least recently used first; returns the slots.
+
+    Raises:
+      ValueError: `n` is not None or a non-negative integer.
+    """
+    if n is not None and (not is_int(n) or n < 0):
+      raise ValueError(f"evict_cached: n must be None or an integer >= 0, got {n!r}")
+    n = len(self._lru) if n is None else min(int(n), len(self._lru))
     freed = []
     for _ in range(n):
       _, node = self._lru.popitem(last=False)
@@ -227,8 +245,7 @@ class PrefixTree:
       PoolExhaustedError: not enough free chunks for the unmatched tokens (nothing allocated).
     """
     toks = _as_token_list(tokens, "insert")
-    if not 0 <= min_new_tokens <= len(toks):
-      raise ValueError(f"min_new_tokens must be in [0, {len(toks)}], got {min_new_tokens}")
+    _check_min_new_tokens(min_new_tokens, len(toks))
     node, num_cached = self._match(toks, len(toks) - min_new_tokens)
     c = self.chunk_size
     path = self._path_to(node)
@@ -334,7 +351,7 @@ class PrefixTree:
       The pool slots that were freed (those neither a live sequence nor the cache keeps).
     """
     seq = self._get(seq_id)
-    keep = self.keep_cached if keep_cached is None else keep_cached
+    keep = self.keep_cached if keep_cached is None else check_bool(keep_cached, "keep_cached")
     seq.path[-1].ending.remove(seq)
     freed = []
     for node in reversed(seq.path):  # deepest first: keeps the LRU's leaves-first order
@@ -349,6 +366,60 @@ class PrefixTree:
       else:
         self.pool.decref(node.slot)
     del self._seqs[seq_id]
+    self._structure_changed()
+    return freed
+
+  def truncate(self, seq_id: int, length: int) -> list[int]:
+    """Shortens a sequence to its first `length` tokens: the undo of an append (an engine step
+    whose model call failed, rejected draft tokens).
+
+    The removed tokens are treated as never computed: chunks that only this sequence used beyond
+    `length` are freed, not cached, and so are cached chunks that extended the cut tail.
+
+    Args:
+      seq_id: a live sequence id.
+      length: the new length, in `[1, length(seq_id)]`.
+
+    Returns:
+      The pool slots that were freed.
+
+    Raises:
+      ValueError: a bad `length`, or a cut inside a chunk other live sequences share (nothing
+        changes).
+    """
+    seq = self._get(seq_id)
+    if not is_int(length) or not 1 <= length <= seq.length:
+      raise ValueError(f"truncate: length must be an integer in [1, {seq.length}] for sequence "
+                       f"{seq_id}, got {length!r}")
+    length = int(length)
+    if length == seq.length:
+      return []
+    c = self.chunk_size
+    keep = -(-length // c)  # chunks the shortened sequence spans
+    tail = seq.path[keep - 1]
+    tail_len = length - (keep - 1) * c
+    cut_tail = tail_len < len(tail.tokens)
+    if cut_tail and tail.count > 1:
+      raise ValueError(f"truncate: length {length} of sequence {seq_id} cuts a chunk that "
+                       f"{tail.count - 1} other live sequence(s) share")
+    seq.path[-1].ending.remove(seq)
+    freed = []
+    for node in reversed(seq.path[keep:]):  # deepest first
+      node.count -= 1
+      self.pool.decref(node.slot)
+      if node.count == 0:
+        freed += self._free_cached_below(node)
+        freed.append(node.slot)
+        self._unlink(node)
+    del seq.path[keep:]
+    del seq.slots[keep:]
+    if cut_tail:  # private now; whatever hung below it extended the removed tokens
+      freed += self._free_cached_below(tail)
+      self._unindex(tail)
+      del tail.tokens[tail_len:]
+    tail.ending.append(seq)
+    seq.length = length
+    self.length_epoch += 1
     self._structure_changed()
     return freed
 
@@ -417,9 +488,13 @@ class PrefixTree:
 
   # ---------------------------------------------------------------- internals
   def _get(self, seq_id) -> _Seq:
+    if not is_int(seq_id):  # True == 1 and 1.0 == 1 as dict keys: only real ints are ids
+      raise UnknownSequenceError(
+          f"unknown sequence id {seq_id!r}: sequence ids are integers, not "
+          f"{type(seq_id).__name__}")
     try:
       return self._seqs[seq_id]
-    except (KeyError, TypeError):
+    except KeyError:
       raise UnknownSequenceError(
           f"unknown sequence id {seq_id!r} (never inserted or already removed)") from None
 
@@ -475,13 +550,18 @@ class PrefixTree:
 
   def _unlink(self, node: _Node) -> None:
     """Detaches a freed node from its parent (and from the match index)."""
+    node.parent.children.remove(node)
+    self._unindex(node)
+
+  def _unindex(self, node: _Node) -> None:
+    """Removes a node from its parent's match index (a node being freed or cut short)."""
     parent = node.parent
-    parent.children.remove(node)
     key = tuple(node.tokens)
     if parent.full_children.get(key) is node:
       del parent.full_children[key]
       # A sibling that filled later with the same tokens becomes the one inserts match.
-      twin = next((ch for ch in parent.children if tuple(ch.tokens) == key), None)
+      twin = next((ch for ch in parent.children if ch is not node and tuple(ch.tokens) == key),
+                  None)
       if twin is not None:
         parent.full_children[key] = twin
 

@@ -12,18 +12,26 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from chunkattn_jax import checks
+
+
+# Temperatures outside this range overflow or underflow float32 logits (0 means greedy).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """How to pick each next token.
+  """How to pick each next token. Checked on construction (ValueError naming the field).
 
   Attributes:
-    temperature: 0 means greedy (argmax); > 0 divides the logits before sampling.
-    top_k: keep the `top_k` most likely tokens (0: all).
-    top_p: keep the smallest set of most likely tokens whose probability reaches `top_p` (1: all).
-    seed: the request's random seed.
+    temperature: 0 means greedy (argmax); otherwise in `[MIN_TEMPERATURE, MAX_TEMPERATURE]`, the
+      divisor of the logits before sampling.
+    top_k: keep the `top_k` most likely tokens (0: all); an int32.
+    top_p: keep the smallest set of most likely tokens whose probability reaches `top_p` (1: all),
+      in (0, 1].
+    seed: the request's random seed, in `[0, 2**32)`.
   """
   temperature: float = 0.0
   top_k: int = 0
@@ -31,14 +39,18 @@ class SamplingParams:
   seed: int = 0
 
   def __post_init__(self):
-    if not (np.isfinite(self.temperature) and self.temperature >= 0):
-      raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-    if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-      raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if not isinstance(self.seed, (int, np.integer)):
-      raise ValueError(f"seed must be an integer, got {self.seed!r}")
+    t = checks.check_real(self.temperature, "SamplingParams.temperature")
+    if t != 0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+      raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, "
+                       f"{MAX_TEMPERATURE}], got {self.temperature!r}")
+    top_k = checks.check_int(self.top_k, "SamplingParams.top_k", min_value=0, max_value=INT32_MAX)
+    top_p = checks.check_real(self.top_p, "SamplingParams.top_p")
+    if not 0 < top_p <= 1:
+      raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+    seed = checks.check_int(self.seed, "SamplingParams.seed", min_value=0, max_value=UINT32_MAX)
+    # Plain Python values: the per-row arrays are built from them every step.
+    for name, value in (("temperature", t), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
+      object.__setattr__(self, name, value)
 
   @property
   def greedy(self) -> bool:

@@ -1,5 +1,9 @@
-"""The serving engine vs the same model with a dense per-request KV cache and no sharing."""
+"""The serving engine vs the same model with a dense per-request KV cache and no sharing; its
+error contract and argument checks."""
 
+import dataclasses
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -253,3 +257,274 @@ def test_demo_helper():
   rows = engine.demo(num_requests=3, max_new_tokens=4)
   assert all(r["match"] for r in rows)
   assert [r["cached_prompt_tokens"] for r in rows] == [0, 48, 48]
+
+
+# ---------------------------------------------------------------------- the error contract
+# These use only the public API (the fault-injection suite, tests/test_engine_faults.py, covers the
+# same ground at random points).
+CFG = EngineConfig(n_chunks=32, chunk_size=4)
+
+
+class _Interrupt(BaseException):
+  """Stands for KeyboardInterrupt (which pytest would take as the user stopping the run)."""
+
+
+def _reference(model, prompts, n):
+  return Engine(model, CFG).generate(prompts, n)
+
+
+@pytest.mark.parametrize("fail_at", [0, 2], ids=["at_prefill", "at_decode"])
+def test_callback_error_finishes_only_its_request(model, fail_at):
+  """A callback raising (on the prefill's token, or a decode step's) finishes that request with
+  finish_reason "error"; the others are unaffected and nothing is appended twice."""
+  prompts = _prompts(seed=8)[:3]
+  ref = _reference(model, prompts, 6)
+  eng = Engine(model, CFG)
+  err = RuntimeError("client went away")
+
+  def callback(ev):
+    if ev.index == fail_at:
+      raise err
+  rids = [eng.submit(p, 6, callback=callback if i == 1 else None) for i, p in enumerate(prompts)]
+  events = list(eng.run())
+  info = eng.request_info(rids[1])
+  assert info["status"] == "finished" and info["finish_reason"] == "error" and info["error"] is err
+  assert eng.result(rids[1]) == ref[1][: fail_at + 1]
+  mine = [e for e in events if e.request_id == rids[1]]
+  assert [e.token for e in mine] == eng.result(rids[1]) and mine[-1].finish_reason == "error"
+  for i in (0, 2):
+    assert eng.result(rids[i]) == ref[i]
+  assert len(events) == 12 + fail_at + 1
+  eng.tree.check_invariants()
+  assert eng.tree.pool.num_used == eng.tree.num_cached_chunks
+
+
+def test_stream_raises_when_its_callback_failed(model):
+  prompt = _prompts(seed=8)[0]
+  ref = _reference(model, [prompt], 6)[0]
+  eng = Engine(model, CFG)
+  err = ValueError("bad client")
+
+  def callback(ev):
+    if ev.index == 2:
+      raise err
+  got = []
+  with pytest.raises(engine.RequestError, match="bad client") as info:
+    for tok in eng.stream(prompt, 6, callback=callback):
+      got.append(tok)
+  assert info.value.__cause__ is err and got == ref[:3]
+  with pytest.raises(TypeError, match="clock"):
+    Engine(model, CFG, clock=5)
+
+
+def test_interrupted_step_then_run_again(model):
+  """A BaseException from a callback propagates; running again delivers the rest of that step's
+  events once and every request gets exactly its undisturbed tokens (before: the other requests'
+  pending tokens were appended to the tree a second time)."""
+  prompts = _prompts(seed=10)[:3]
+  ref = _reference(model, prompts, 6)
+  eng = Engine(model, CFG)
+  seen = []
+
+  def callback(ev):
+    seen.append(ev)
+    if ev.index == 2 and len(seen) == 3:
+      raise _Interrupt()
+  rids = [eng.submit(p, 6, callback=callback if i == 0 else None) for i, p in enumerate(prompts)]
+  events = []
+  with pytest.raises(_Interrupt):
+    for ev in eng.run():
+      events.append(ev)
+  eng.tree.check_invariants()
+  events += list(eng.run())
+  assert [eng.result(r) for r in rids] == ref
+  for rid in rids:
+    assert [e.index for e in events if e.request_id == rid] == list(range(6))
+  assert [e.token for e in seen] == ref[0]
+  eng.tree.check_invariants()
+
+
+@pytest.mark.parametrize("cancel_at", [2, 5], ids=["mid", "last_token"])
+def test_cancel_from_a_callback_emits_nothing_more(model, cancel_at):
+  """A's callback cancels B in a step that also produced a token for B (at `cancel_at`, B's last
+  token in the second case): B's undelivered token is dropped (before: it was still emitted, and
+  on its last token the engine raised UnknownSequenceError)."""
+  prompts = _prompts(seed=9)[:2]
+  ref = _reference(model, prompts, 6)
+  eng = Engine(model, CFG)
+  rids = []
+
+  def callback(ev):
+    if ev.index == cancel_at:
+      eng.cancel(rids[1])
+  rids += [eng.submit(prompts[0], 6, callback=callback), eng.submit(prompts[1], 6)]
+  events = list(eng.run())
+  b_events = [e for e in events if e.request_id == rids[1]]
+  assert [e.index for e in b_events] == list(range(cancel_at))
+  assert eng.result(rids[1]) == ref[1][:cancel_at]
+  assert eng.request_info(rids[1])["finish_reason"] == "cancelled"
+  assert eng.result(rids[0]) == ref[0]
+  eng.tree.check_invariants()
+
+
+def test_engine_calls_from_a_callback_raise(model):
+  """step / run / stream / generate from a callback raise ReentrantCallError and change nothing
+  (before: the nested step ran and changed the other requests' outputs)."""
+  prompts = _prompts(seed=11)[:2]
+  ref = _reference(model, prompts, 3)
+  eng = Engine(model, CFG)
+  outcomes = []
+
+  def callback(ev):
+    del ev
+    for call in (eng.step, lambda: list(eng.run()), lambda: list(eng.stream(prompts[1], 2)),
+                 lambda: eng.generate([prompts[1]], 2)):
+      try:
+        call()
+        outcomes.append(None)
+      except RuntimeError as e:
+        outcomes.append(e)
+  rids = [eng.submit(prompts[0], 3, callback=callback), eng.submit(prompts[1], 3)]
+  list(eng.run())
+  assert len(outcomes) == 4 * 3
+  assert all(isinstance(e, engine.ReentrantCallError) for e in outcomes), outcomes
+  assert "inside a step" in str(outcomes[0])
+  assert [eng.result(r) for r in rids] == ref
+  with pytest.raises(KeyError):  # the refused stream / generate submitted nothing
+    eng.result(rids[1] + 1)
+
+
+@pytest.mark.parametrize("how", ["raises", "reenters"])
+def test_policy_error_rolls_the_decode_step_back(model, how):
+  """User code running inside a step (here the sharing policy) raising, or calling back into the
+  engine (ReentrantCallError): the step is rolled back and a later run() gives the undisturbed
+  tokens (before: the pending tokens stayed appended to the tree and were appended again)."""
+  prompts = _prompts(seed=12)[:3]
+  ref = _reference(model, prompts, 5)
+  fail = []
+
+  def policy(num_rows, num_chunks):
+    del num_chunks
+    if fail:
+      fail.pop()
+      if how == "raises":
+        raise ValueError("policy failed")
+      eng.submit([1, 2, 3], 2)  # not allowed while a step computes
+    return num_rows > 1
+  eng = Engine(model, dataclasses.replace(CFG, policy=policy))
+  rids = [eng.submit(p, 5) for p in prompts]
+  eng.step()
+  eng.submit(prompts[0][:5], 1)  # a structure change: the next plan is rebuilt, calling policy
+  fail.append(True)
+  with pytest.raises(ValueError if how == "raises" else RuntimeError,
+                     match="policy failed" if how == "raises" else "while a step computes"):
+    eng.step()
+  assert [len(eng.result(r)) for r in rids] == [2, 2, 2]
+  assert eng.num_waiting() == 0
+  eng.tree.check_invariants()
+  list(eng.run())
+  assert [eng.result(r) for r in rids] == ref
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_failed_model_call_rolls_the_step_back(model, phase, when):
+  """The jitted model call raising before it ran (the pool intact) or after (its donated pool is
+  gone: every request is recomputed): the step is rolled back and a later run() gives the
+  undisturbed tokens."""
+  prompts = _prompts(seed=13)
+  ref = _reference(model, prompts, 5)
+  eng = Engine(model, CFG)
+  rids = [eng.submit(p, 5) for p in prompts[:3]]
+  eng.step()
+  eng.step()
+  rids += [eng.submit(p, 5) for p in prompts[3:]]
+  name = f"{phase}_step"
+  real = getattr(eng.runner, name)
+
+  def failing(*args):
+    setattr(eng.runner, name, real)  # fails once
+    if when == "after":
+      real(*args)
+    raise MemoryError("device out of memory")
+  setattr(eng.runner, name, failing)
+  before = [eng.result(r) for r in rids]
+  with pytest.raises(MemoryError):
+    eng.step()
+  eng.check_consistency()
+  if phase == "prefill":  # the failed batch is queued again, nothing else changed
+    assert [eng.result(r) for r in rids] == before
+  assert eng.stats["pool_resets"] == (when == "after")
+  if when == "after":  # every request is queued to be recomputed, nothing is cached
+    assert eng.num_waiting() == 5 and eng.tree.pool.num_used == 0
+  else:
+    assert eng.num_waiting() == (2 if phase == "prefill" else 0)
+  list(eng.run())
+  assert [eng.result(r) for r in rids] == ref
+  eng.check_consistency()
+
+
+# ---------------------------------------------------------------------- validation
+@pytest.mark.parametrize("field, value, match", [
+    ("max_batch", 0, "max_batch"), ("max_batch", True, "max_batch"),
+    ("threshold", 0, "threshold"), ("threshold", 1.5, "threshold"),
+    ("max_chunks_per_item", 3, "max_chunks_per_item must be a power of two"),
+    ("max_chunks_per_item", 0, "max_chunks_per_item"),
+    ("kv_dtype", "int8", "kv_dtype"), ("kv_dtype", "float64", "kv_dtype"),
+    ("kv_dtype", "bogus", "kv_dtype"),
+    ("n_chunks", 0, "n_chunks"), ("chunk_size", 6, "chunk_size"), ("chunk_size", 512, "chunk_size"),
+    ("max_prefill_batch", 0, "max_prefill_batch"), ("min_row_capacity", 0, "min_row_capacity"),
+    ("min_prefill_tokens", -4, "min_prefill_tokens"), ("cache_prefixes", 1, "cache_prefixes"),
+    ("record_logits", "yes", "record_logits"), ("pool_seed", -1, "pool_seed"),
+    ("min_plan_capacities", (8, 3), "power of two"), ("min_plan_capacities", (8,) * 6, "at most"),
+    ("min_plan_capacities", 8, "tuple"),
+])
+def test_engine_config_rejects_bad_values(field, value, match):
+  """Checked at construction (before: max_batch=0 made run() spin forever; threshold=0, a
+  non-power-of-two G or kv_dtype="int8" failed only at the first decode, after the tree
+  changed)."""
+  with pytest.raises(ValueError, match=match):
+    EngineConfig(**{field: value})
+
+
+def test_engine_config_types_and_normalisation():
+  with pytest.raises(TypeError, match="policy"):
+    EngineConfig(policy=5)
+  assert EngineConfig(kv_dtype=jnp.bfloat16).kv_dtype == "bfloat16"
+  assert EngineConfig(min_plan_capacities=[8, np.int64(4)]).min_plan_capacities == (8, 4)
+  with pytest.raises(TypeError, match="EngineConfig"):
+    Engine(None, config=dict(n_chunks=8))
+
+
+def test_submit_rejects_values_it_would_convert(model):
+  """Bools, floats, mappings, sets, nested lists and iterators are not token ids (before: [1, True]
+  and {1: 2} were silently converted); a callback must be callable. Nothing is queued."""
+  eng = Engine(model, CFG)
+  bad = [
+      (dict(prompt=[1, True]), ValueError, "True"),
+      (dict(prompt={1: 2}), ValueError, "dict"),
+      (dict(prompt={1, 2}), ValueError, "set"),
+      (dict(prompt=[1, 2.0]), ValueError, "2.0"),
+      (dict(prompt=np.array([1.0, 2.0])), ValueError, "float"),
+      (dict(prompt=np.array([True])), ValueError, "bool"),
+      (dict(prompt=[[1, 2]]), ValueError, "integer"),
+      (dict(prompt=iter([1, 2])), ValueError, "sequence"),
+      (dict(prompt=5), ValueError, "sequence"),
+      (dict(prompt=[1], callback=5), TypeError, "callback"),
+      (dict(prompt=[1], max_new_tokens=True), ValueError, "max_new_tokens"),
+      (dict(prompt=[1], max_new_tokens=2.0), ValueError, "max_new_tokens"),
+      (dict(prompt=[1], stop_ids=[True]), ValueError, "True"),
+      (dict(prompt=[1], stop_ids={3: 4}), ValueError, "dict"),
+  ]
+  for kw, err, msg in bad:
+    kw = {"max_new_tokens": 2, **kw}
+    with pytest.raises(err, match=msg):
+      eng.submit(kw.pop("prompt"), **kw)
+  assert not eng.has_work() and eng.num_waiting() == 0
+  for bad_id in (True, 0.0, "0", None):
+    with pytest.raises(KeyError, match="unknown request id"):
+      eng.result(bad_id)
+  # Accepted forms: lists, tuples, ranges, integer arrays; a set of stop ids.
+  rids = [eng.submit(np.array([1, 2], np.int64), 2), eng.submit(range(3), 2),
+          eng.submit((1, 2), 2, stop_ids={5, np.int32(6)})]
+  assert eng.result(rids[0]) == [] and eng.num_waiting() == 3

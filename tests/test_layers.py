@@ -1,5 +1,7 @@
 """ChunkAttention: prefill with prefix reuse, decode over plans, dense mode, RoPE."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,93 @@ def test_validation_errors(layer):
     layers.ChunkAttention(D, 3, 2, 8, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="unknown attention impl"):
     layers.ChunkAttention(D, 4, 2, 8, impl="cuda", rngs=nnx.Rngs(0))
+
+
+def _prefill_case(seed=5):
+  """One 6-token sequence inserted in a fresh tree: (x [1, 6, D], PrefillInputs as NumPy)."""
+  tree = PrefixTree(ChunkPool(N_CHUNKS, seed=seed), C)
+  res = tree.insert(list(range(6)))
+  path = np.asarray(tree.chunk_path(res.seq_id), np.int32)[None]
+  inputs = layers.PrefillInputs(positions=np.arange(6, dtype=np.int32)[None],
+                                slots=res.slots[None].copy(), chunk_paths=path)
+  return _x(6, seed)[None], inputs
+
+
+def _with(inputs, field, fn):
+  a = np.array(getattr(inputs, field))
+  fn(a)
+  return dataclasses.replace(inputs, **{field: a})
+
+
+def test_prefill_inputs_are_checked(layer):
+  """Host-side prefill inputs that would read or write the wrong pool memory are rejected (before:
+  XLA clamped the gathers and wrapped negative scatter indices: finite, wrong outputs)."""
+  kp, vp = _empty_pool()
+  x, good = _prefill_case()
+  layer(x, kp, vp, good)
+  other = (int(good.chunk_paths[0, 0]) + 1) % N_CHUNKS
+  path_outside = _with(good, "chunk_paths", lambda a: a.__setitem__((0, 1), N_CHUNKS))
+  beyond_path = _with(good, "positions", lambda a: a.__setitem__((0, 5), 8))
+  bad = [
+      (_with(good, "slots", lambda a: a.__setitem__((0, 2, 0), N_CHUNKS + 1)), "outside|slots"),
+      (_with(good, "slots", lambda a: a.__setitem__((0, 2, 0), -1)), r"slots\[0, 2\] = \(-1"),
+      (_with(good, "slots", lambda a: a.__setitem__((0, 2, 1), C)), "offsets"),
+      (_with(good, "slots", lambda a: a.__setitem__((0, 1, 0), other)), "is read from"),
+      (_with(_with(good, "slots", lambda a: a.__setitem__((0, 1), a[0, 0])),
+             "positions", lambda a: a.__setitem__((0, 1), 0)), "written by 2 tokens"),
+      (beyond_path, "outside the chunk path"),
+      (_with(good, "positions", lambda a: a.__setitem__((0, 0), -1)), "positions"),
+      (path_outside, "outside the pool"),
+      (_with(good, "chunk_paths", lambda a: a.__setitem__((0, 0), -3)), "outside the pool"),
+      (dataclasses.replace(good, positions=good.positions.astype(np.float32)), "integer array"),
+  ]
+  for inputs, match in bad:
+    with pytest.raises(ValueError, match=match):
+      layer(x, kp, vp, inputs)
+    # The off switch (the engine's, for the arrays it builds from its own tree) lets it through.
+    layer(x, kp, vp, dataclasses.replace(inputs, check=False))
+  with pytest.raises(ValueError, match="shape"):
+    layer(x, kp, vp, dataclasses.replace(good, slots=good.slots[:, :, :1]))
+  # prefill_attention itself checks what it reads.
+  q = jnp.zeros((1, 6, H, HD))
+  with pytest.raises(ValueError, match="outside the pool"):
+    layers.prefill_attention(q, good.positions, kp, vp, path_outside.chunk_paths)
+  with pytest.raises(ValueError, match="outside the chunk path"):
+    layers.prefill_attention(q, beyond_path.positions, kp, vp, good.chunk_paths)
+  layers.prefill_attention(q, beyond_path.positions, kp, vp, good.chunk_paths, check=False)
+
+
+def test_input_checks_skip_traced_values(layer):
+  """Inside jit nothing concrete is there to check: the caller checks the host arrays first."""
+  kp, vp = _empty_pool()
+  x, good = _prefill_case()
+  bad = _with(good, "slots", lambda a: a.__setitem__((0, 2, 0), -1))
+  jax.jit(lambda x, k, v, i: layer(x, k, v, i))(x, kp, vp, bad)
+  with pytest.raises(ValueError, match="slots"):
+    layers.check_prefill_inputs(bad.positions, bad.slots, bad.chunk_paths, n_chunks=N_CHUNKS,
+                                chunk_size=C)
+  assert layers.check_prefill_inputs(good.positions, good.slots, good.chunk_paths,
+                                     n_chunks=N_CHUNKS, chunk_size=C)
+
+
+def test_decode_inputs_are_checked(layer):
+  kp, vp = _empty_pool()
+  tree = PrefixTree(ChunkPool(N_CHUNKS, seed=6), C)
+  ids = [tree.insert(list(range(k, k + 5))).seq_id for k in (0, 10)]
+  slots = tree.append_tokens(ids, [1, 2])
+  plan = build_plan(tree)
+  rows = plan.rows_of(ids)
+  pos = np.zeros(plan.row_capacity, np.int32)
+  sl = np.zeros((plan.row_capacity, 2), np.int32)
+  sl[:, 0] = N_CHUNKS
+  pos[rows], sl[rows] = 5, slots
+  x = jnp.zeros((plan.row_capacity, D))
+  layer(x, kp, vp, layers.DecodeInputs(pos, sl, plan))
+  for field, index, value, match in (("slots", (rows[0], 0), -1, "slots"),
+                                     ("slots", (rows[1],), sl[rows[0]], "written by 2"),
+                                     ("positions", (rows[1],), -2, "negative")):
+    arrays = dict(positions=pos.copy(), slots=sl.copy())
+    arrays[field][index] = value
+    with pytest.raises(ValueError, match=match):
+      layer(x, kp, vp, layers.DecodeInputs(plan=plan, **arrays))
+    layer(x, kp, vp, layers.DecodeInputs(plan=plan, check=False, **arrays))

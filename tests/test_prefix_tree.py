@@ -1,5 +1,8 @@
 """Golden tree shapes (small chunk sizes so the expected structure is readable) and bad input."""
 
+import gc
+
+import numpy as np
 import pytest
 
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError
@@ -240,4 +243,96 @@ def test_removing_without_cache_frees_cached_chunks_below():
   assert t.num_cached_chunks == 1
   freed = t.remove(b.seq_id)  # [1]*4 is freed, so its cached child goes too
   assert len(freed) == 3 and t.pool.num_free == 8 and t.num_cached_chunks == 0
+  t.check_invariants()
+
+
+def test_sequence_ids_must_be_ints():
+  """True == 1 and 1.0 == 1 as dict keys: before, they acted as sequence id 1."""
+  t = make_tree()
+  t.insert([1, 2, 3])
+  b = t.insert([4, 5])
+  assert b.seq_id == 1
+  before = t.snapshot()
+  ops = (t.remove, t.tokens, t.length, t.chunk_path, t.num_shared_chunks,
+         lambda s: t.append(s, [1]), lambda s: t.append_many({s: [1]}),
+         lambda s: t.append_tokens([s], [1]), lambda s: t.truncate(s, 1))
+  for bad in (True, False, 1.0, 0.0, np.float64(1), np.bool_(True)):
+    for op in ops:
+      with pytest.raises(UnknownSequenceError, match="sequence ids are integers"):
+        op(bad)
+    assert bad not in t
+  assert t.snapshot() == before
+  assert 1 in t and np.int64(1) in t and t.length(np.int32(1)) == 2
+
+
+def test_evict_cached_count_is_checked():
+  """Before: evict_cached(-1) made the eviction counter negative."""
+  t = PrefixTree(ChunkPool(8), 4, keep_cached=True)
+  t.remove(t.insert(list(range(8))).seq_id)
+  before = t.snapshot()
+  for bad in (-1, 1.5, True, "2"):
+    with pytest.raises(ValueError, match="evict_cached"):
+      t.evict_cached(bad)
+  assert t.snapshot() == before and t.num_evictions == 0
+  assert len(t.evict_cached(np.int64(1))) == 1 and t.num_evictions == 1
+  assert len(t.evict_cached(0)) == 0 and t.num_evictions == 1
+
+
+def test_a_pool_backs_one_tree():
+  """Before: two trees on one pool handed out each other's slots."""
+  pool = ChunkPool(8)
+  t = PrefixTree(pool, 4)
+  with pytest.raises(ValueError, match="already belongs to another PrefixTree"):
+    PrefixTree(pool, 4)
+  t.insert([1, 2, 3])
+  used = ChunkPool(8)
+  used.allocate(1)
+  with pytest.raises(ValueError, match="1 of its 8 slots are in use"):
+    PrefixTree(used, 4)
+  spare = ChunkPool(4)
+  PrefixTree(spare, 4)  # an owner that is gone, and left the pool empty, no longer holds it
+  gc.collect()
+  PrefixTree(spare, 4).check_invariants()
+  for bad in (1, "x"):
+    with pytest.raises(ValueError, match="keep_cached"):
+      PrefixTree(8, 4, keep_cached=bad)
+
+
+def test_truncate_is_the_undo_of_append():
+  t = make_tree(c=4)
+  a = t.insert(list(range(6)))          # [0 1 2 3] [4 5]
+  b = t.insert(list(range(4)) + [9])    # shares [0 1 2 3]
+  before_append = t.tokens(a.seq_id)
+  t.append(a.seq_id, [6, 7, 8])         # [0 1 2 3] [4 5 6 7] [8]: [4 5 6 7] is now matchable
+  assert t.insert(list(range(8)) + [50]).num_cached == 8
+  t.remove(2)
+  freed = t.truncate(a.seq_id, 6)
+  assert len(freed) == 1 and t.tokens(a.seq_id) == before_append == list(range(6))
+  assert t.length(a.seq_id) == 6 and len(t.chunk_path(a.seq_id)) == 2
+  assert t.insert(list(range(8)) + [50]).num_cached == 4  # [4 5] is partial again: no match
+  t.check_invariants()
+  slots = t.append(a.seq_id, [6])      # appends go on where the cut left off
+  assert slots.tolist() == [[t.chunk_path(a.seq_id)[1], 2]]
+  before = t.snapshot()
+  with pytest.raises(ValueError, match="length 2 of sequence 1 cuts a chunk that 2 other live"):
+    t.truncate(b.seq_id, 2)  # inside [0 1 2 3], which `a` and sequence 3 share
+  for bad in (0, 99, 2.0, True):
+    with pytest.raises(ValueError, match="truncate: length"):
+      t.truncate(a.seq_id, bad)
+  assert t.snapshot() == before
+  assert t.truncate(b.seq_id, 4) and t.tokens(b.seq_id) == [0, 1, 2, 3]  # to a shared boundary
+  assert t.truncate(b.seq_id, 4) == []
+  t.check_invariants()
+
+
+def test_truncate_frees_cached_chunks_below_the_cut():
+  t = PrefixTree(ChunkPool(8), 4, keep_cached=True)
+  a = t.insert(list(range(4)))
+  b = t.insert(list(range(12)))         # [0..3] shared, [4..7] [8..11] private
+  t.remove(b.seq_id)                    # [4..7] [8..11] cached under a's chunk
+  assert t.num_cached_chunks == 2
+  t.append(a.seq_id, [4])               # a opens its own chunk under [0..3]
+  t.truncate(a.seq_id, 3)               # cuts inside [0..3], which only a now uses
+  assert t.num_cached_chunks == 0 and t.pool.num_used == 1
+  assert t.insert(list(range(12))).num_cached == 0
   t.check_invariants()

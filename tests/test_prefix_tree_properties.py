@@ -1,4 +1,4 @@
-"""Property-based tests: random insert/append/remove sequences against a brute-force model.
+"""Property-based tests: random insert/append/truncate/remove sequences against a brute-force model.
 
 The model keeps every sequence as a list of chunk ids with their tokens and parents, and checks
 each prefix match of the tree against a scan over all live chunks: every chunk the tree reuses has
@@ -7,6 +7,7 @@ could have extended the match. Model chunk ids are mapped to pool slots one-to-o
 """
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from chunkattn_jax.chunk_pool import ChunkPool, PoolExhaustedError
@@ -89,6 +90,25 @@ class Model:
       else:
         path.append(self.new_chunk([tok], last, tree_path[len(path)]))
 
+  def truncate(self, seq_id, length):
+    """Returns False (and changes nothing) where the tree must refuse: a cut inside a shared chunk."""
+    c = self.c
+    path = self.seqs[seq_id]
+    keep = -(-length // c)
+    tail, tail_len = path[keep - 1], length - (keep - 1) * c
+    cut = tail_len < len(self.chunk_tokens[tail])
+    if cut and any(tail in p for s, p in self.seqs.items() if s != seq_id):
+      return False
+    self.seqs[seq_id] = path[:keep]
+    still_used = self.seq_chunks()
+    for cid in path[keep:]:
+      if cid not in still_used:  # freed, never cached: the cut tokens were never computed
+        self.drop_cached_below(cid)
+    if cut:
+      self.drop_cached_below(tail)
+      del self.chunk_tokens[tail][tail_len:]
+    return True
+
   def tokens(self, seq_id):
     return [t for cid in self.seqs[seq_id] for t in self.chunk_tokens[cid]]
 
@@ -147,7 +167,8 @@ def test_random_operations_match_brute_force_model(data, c, capacity, seed):
   model = Model(c)
   prefixes = [data.draw(st.lists(vocab, min_size=0, max_size=3 * c)) for _ in range(3)]
   for _ in range(data.draw(st.integers(1, 25))):
-    op = data.draw(st.sampled_from(["insert", "insert", "append", "append_many", "remove"]))
+    op = data.draw(st.sampled_from(["insert", "insert", "append", "append_many", "truncate",
+                                    "remove"]))
     live = tree.seq_ids()
     before = tree.snapshot()
     cached_before = set(model.cached)
@@ -182,6 +203,17 @@ def test_random_operations_match_brute_force_model(data, c, capacity, seed):
         model.sync_evictions(set(tree.cached_slots()))
         for sid, tok in zip(sids, toks):
           model.append(sid, [tok], tree.chunk_path(sid))
+      elif op == "truncate":
+        sid = data.draw(st.sampled_from(live))
+        length = data.draw(st.integers(1, tree.length(sid)))
+        old_tokens = tree.tokens(sid)
+        if model.truncate(sid, length):
+          tree.truncate(sid, length)
+          assert tree.tokens(sid) == old_tokens[:length]
+        else:
+          with pytest.raises(ValueError, match="share"):
+            tree.truncate(sid, length)
+          assert tree.snapshot() == before
       else:
         sid = data.draw(st.sampled_from(live))
         keep = data.draw(st.sampled_from([None, True, False]))
@@ -191,7 +223,7 @@ def test_random_operations_match_brute_force_model(data, c, capacity, seed):
       assert tree.snapshot() == before
       if op == "insert":
         assert not fits
-    if model.cached < cached_before - model.seq_chunks() and op != "remove":
+    if model.cached < cached_before - model.seq_chunks() and op not in ("remove", "truncate"):
       assert tree.pool.num_free == 0, "evicted a cached chunk while free slots remained"
     assert {model.slot_of[cid] for cid in model.cached} == set(tree.cached_slots())
     tree.check_invariants()
