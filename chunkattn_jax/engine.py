@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from chunkattn_jax import kernel_limits
 from chunkattn_jax import kv_pool as kv_pool_lib
 from chunkattn_jax import layers
 from chunkattn_jax import sampling as sampling_lib
@@ -142,6 +143,7 @@ class Engine:
   def __init__(self, model, config: EngineConfig = EngineConfig(), *, pool_sharding=None,
                clock: Callable[[], float] | None = None):
     import time  # pylint: disable=import-outside-toplevel
+    kernel_limits.check_engine(model, config)  # before any state: head_dim, chunk size, dtypes
     self.config = config
     self.model = model
     self.vocab_size = model.config.vocab_size
