@@ -65,6 +65,7 @@ import numpy as np
 from flax import nnx
 
 from chunkattn_jax import checks
+from chunkattn_jax import kernel_limits
 from chunkattn_jax import sampling as sampling_lib
 from chunkattn_jax.plan import GpuFill
 from chunkattn_jax.model_runner import PLAN_CAPACITY_NAMES, ModelRunner
@@ -194,6 +195,7 @@ class Engine:
     if not isinstance(config, EngineConfig):
       raise TypeError(f"config must be an EngineConfig, got {config!r}")
     checks.check_callable(clock, "clock")
+    kernel_limits.check_engine(model, config)  # before any state: head_dim, chunk size, dtypes
     self.config = config
     self.model = model
     self.vocab_size = model.config.vocab_size

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from chunkattn_jax import attention
 from chunkattn_jax import kv_pool as kv_pool_lib
+from chunkattn_jax import rope as rope_lib
 
 IMPLS = attention.IMPLS
 # The name of the mesh axis that splits KV heads (and with them the query heads of each group).
@@ -213,35 +214,31 @@ def check_decode_inputs(positions, slots, num_rows, *, n_chunks: int, chunk_size
 
 
 # ----------------------------------------------------------------------------- RoPE
-def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
-  """float32 `[d // 2]` inverse frequencies `theta ** (-2i / d)`."""
-  if head_dim % 2:
-    raise ValueError(f"RoPE needs an even head dim, got {head_dim=}")
-  return (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
+def rope_frequencies(head_dim: int, theta: float, scaling: rope_lib.RopeScaling | None = None
+                     ) -> np.ndarray:
+  """float32 `[d // 2]` inverse frequencies (`rope.inverse_frequencies`; default: `theta ** (-2i / d)`)."""
+  return rope_lib.inverse_frequencies(head_dim, theta, scaling)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               scaling: rope_lib.RopeScaling | None = None) -> jax.Array:
   """Rotary embedding in the half-split ("rotate_half") convention, computed in float32.
 
-  Pair `(x[i], x[i + d/2])` is rotated by `positions * theta ** (-2i/d)`. This is the convention of
-  Hugging Face Llama checkpoints (whose q/k weights were permuted from Meta's interleaved layout for
-  it), so HF weights load without any permutation (see `checkpoint.py`).
+  Pair `(x[i], x[i + d/2])` is rotated by `positions * inv_freq[i]`, with HF's inverse frequencies
+  for `theta` and `scaling` (`rope.py`). This is the convention of Hugging Face Llama checkpoints
+  (whose q/k weights were permuted from Meta's interleaved layout for it), so HF weights load
+  without any permutation (see `checkpoint.py`).
 
   Args:
     x: `[..., n, d]` (heads axis `n` just before `d`).
     positions: int `[...]` matching `x.shape[:-2]`.
     theta: RoPE base.
+    scaling: optional `rope.RopeScaling` (linear, dynamic, llama3).
 
   Returns:
     `[..., n, d]` in `x.dtype`.
   """
-  d = x.shape[-1]
-  inv = jnp.asarray(rope_frequencies(d, theta))
-  angle = positions.astype(jnp.float32)[..., None, None] * inv  # [..., 1, d/2]
-  cos, sin = jnp.cos(angle), jnp.sin(angle)
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return rope_lib.apply_rope(x, positions, rope_frequencies(x.shape[-1], theta, scaling))
 
 
 # ----------------------------------------------------------------------------- attention functions
@@ -339,9 +336,12 @@ class ChunkAttention(nnx.Module):
     num_kv_heads: KV heads `h_kv` (GQA; must divide `h`).
     head_dim: `d` (default `D // h`).
     rope_theta: RoPE base (10000 for Llama-2, 500000 for Llama-3).
+    rope_scaling: optional `rope.RopeScaling` (linear, dynamic, llama3 frequency schedules).
     impl: decode attention implementation (one of `IMPLS`).
     sm_scale: softmax scale (default `1/sqrt(d)`).
-    use_bias: biases on the q/k/v projections (Qwen-style); o has none.
+    use_bias: biases on the q/k/v projections.
+    use_output_bias: a bias on the o projection (Llama's `attention_bias` puts biases on q, k, v
+      and o; Qwen2-style models bias only q, k, v).
     dtype: computation dtype (None: the param dtype).
     param_dtype: parameter dtype.
     mesh: optional `jax.sharding.Mesh` with axis `MODEL_AXIS`; attention then runs under
@@ -353,8 +353,9 @@ class ChunkAttention(nnx.Module):
   """
 
   def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
-               *, rope_theta: float = 10000.0, impl: str = "xla", sm_scale: float | None = None,
-               use_bias: bool = False, dtype=None, param_dtype=jnp.float32, mesh=None,
+               *, rope_theta: float = 10000.0, rope_scaling: rope_lib.RopeScaling | None = None,
+               impl: str = "xla", sm_scale: float | None = None, use_bias: bool = False,
+               use_output_bias: bool = False, dtype=None, param_dtype=jnp.float32, mesh=None,
                rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads must be a multiple of num_kv_heads, got {num_heads=} {num_kv_heads=}")
@@ -363,6 +364,8 @@ class ChunkAttention(nnx.Module):
     head_dim = embed_dim // num_heads if head_dim is None else head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = float(rope_theta)
+    self.rope_scaling = rope_scaling
+    rope_frequencies(head_dim, self.rope_theta, rope_scaling)  # bad RoPE settings fail here
     self.impl = impl
     self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     self.mesh = mesh
@@ -370,7 +373,7 @@ class ChunkAttention(nnx.Module):
     self.q_proj = lin(embed_dim, num_heads * head_dim, use_bias=use_bias)
     self.k_proj = lin(embed_dim, num_kv_heads * head_dim, use_bias=use_bias)
     self.v_proj = lin(embed_dim, num_kv_heads * head_dim, use_bias=use_bias)
-    self.o_proj = lin(num_heads * head_dim, embed_dim, use_bias=False)
+    self.o_proj = lin(num_heads * head_dim, embed_dim, use_bias=use_output_bias)
 
   def _qkv(self, x, positions):
     """x `[..., D]`, positions `[...]` -> q `[..., h, d]`, k, v `[..., h_kv, d]` (q, k rotated)."""
@@ -378,7 +381,9 @@ class ChunkAttention(nnx.Module):
     q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-    return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
+    inv_freq = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+    return (rope_lib.apply_rope(q, positions, inv_freq), rope_lib.apply_rope(k, positions, inv_freq),
+            v)
 
   def _sharded(self, fn, head_axes_in, head_axes_out, n_replicated):
     """Wraps `fn(*head_sharded_args, *replicated_args)` in shard_map over KV heads if a mesh is set."""

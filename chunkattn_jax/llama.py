@@ -1,28 +1,53 @@
-"""Llama-family decoder (RMSNorm, RoPE, SwiGLU, GQA) on the chunked prefix-shared KV cache.
+"""Llama-family decoder (RMSNorm, RoPE, gated MLP, GQA) on the chunked prefix-shared KV cache.
 
 `Llama(config, impl=..., rngs=...)` maps token ids plus a cache (`KVPool` for prefill/decode,
 `DenseKVCache` for the dense baseline) and the matching layer inputs (`layers.PrefillInputs`,
 `layers.DecodeInputs`, `layers.DenseInputs`) to logits and the updated cache. Configs:
 `tiny()` (tests), `open_llama_7b()` / `llama2_7b()` (32 x 32 heads x 128, the paper's model shape),
 `llama3_8b()` (GQA with 8 KV heads, RoPE theta 500000, vocab 128256).
+
+The math follows transformers' `LlamaForCausalLM` for every field of `LlamaConfig`: RoPE theta and
+scaling (`rope.py`), biases on q, k, v and o (`attention_bias`) and on the MLP (`mlp_bias`), the
+MLP activation (`ACTIVATIONS`), RMSNorm epsilon, tied embeddings, an explicit head_dim.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from chunkattn_jax import layers
+from chunkattn_jax import rope as rope_lib
 from chunkattn_jax.kv_pool import DenseKVCache, KVPool
+
+# HF `hidden_act` names -> functions, each checked against transformers' `ACT2FN` on a grid
+# (tests/test_llama.py). "gelu" is the exact (erf) GELU; "gelu_new" and "gelu_pytorch_tanh" are
+# the tanh approximation.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Model hyperparameters (names follow Hugging Face's LlamaConfig where they exist)."""
+  """Model hyperparameters (names follow Hugging Face's LlamaConfig where they exist).
+
+  `attention_bias` puts biases on q, k, v and o (as HF); `mlp_bias` on gate, up and down;
+  `hidden_act` is a key of `ACTIVATIONS`; `rope_scaling` a `rope.RopeScaling` (None: plain RoPE;
+  a `dynamic` schedule's `original_max_position_embeddings` must equal `max_position_embeddings`,
+  as HF computes it from that). Every field is type- and range-checked at construction.
+  """
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -35,15 +60,54 @@ class LlamaConfig:
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
   attention_bias: bool = False
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+  rope_scaling: rope_lib.RopeScaling | None = None
   dtype: str = "float32"        # computation dtype
   param_dtype: str = "float32"  # parameter dtype
 
   def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings"):
+      _check_int(name, getattr(self, name))
+    if self.head_dim is not None:
+      _check_int("head_dim", self.head_dim)
+      if self.head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+    for name in ("rope_theta", "rms_norm_eps"):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+          or value <= 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; supported: "
+                       f"{tuple(ACTIVATIONS)}")
+    for name in ("dtype", "param_dtype"):
+      try:
+        ok = jnp.dtype(getattr(self, name)).name in DTYPES
+      except TypeError:
+        ok = False
+      if not ok:
+        raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+    if self.rope_scaling is not None:
+      if not isinstance(self.rope_scaling, rope_lib.RopeScaling):
+        raise ValueError(f"rope_scaling must be a rope.RopeScaling or None, got "
+                         f"{self.rope_scaling!r}")
+      if (self.rope_scaling.rope_type == "dynamic" and
+          self.rope_scaling.original_max_position_embeddings != self.max_position_embeddings):
+        raise ValueError(
+            "dynamic RoPE scaling is relative to max_position_embeddings="
+            f"{self.max_position_embeddings}, got original_max_position_embeddings="
+            f"{self.rope_scaling.original_max_position_embeddings}")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+    rope_lib.inverse_frequencies(self.d_head, float(self.rope_theta), self.rope_scaling)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")
-    if self.head_dim is None and self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
 
   @property
   def d_head(self) -> int:
@@ -51,6 +115,11 @@ class LlamaConfig:
 
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)
+
+
+def _check_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def tiny(**kw) -> LlamaConfig:
@@ -96,18 +165,26 @@ class RMSNorm(nnx.Module):
     return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-class SwiGLU(nnx.Module):
-  """`down(silu(gate(x)) * up(x))`; x `[..., D]` -> `[..., D]`; intermediate split over the mesh."""
+class GatedMLP(nnx.Module):
+  """`down(act(gate(x)) * up(x))` (SwiGLU for `act="silu"`); x `[..., D]` -> `[..., D]`;
+  intermediate split over the mesh."""
 
-  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    lin = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+  def __init__(self, dim: int, hidden: int, *, act: str = "silu", use_bias: bool = False, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    if act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={act!r} is not supported; supported: {tuple(ACTIVATIONS)}")
+    self.act = act
+    lin = functools.partial(nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs)
     self.gate_proj = lin(dim, hidden)
     self.up_proj = lin(dim, hidden)
     self.down_proj = lin(hidden, dim)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+SwiGLU = GatedMLP  # the name before activations other than SiLU were supported
 
 
 class DecoderLayer(nnx.Module):
@@ -118,11 +195,11 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdtype)
     self.self_attn = layers.ChunkAttention(
         cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.d_head, rope_theta=cfg.rope_theta,
-        impl=impl, use_bias=cfg.attention_bias, dtype=dtype, param_dtype=pdtype, mesh=mesh,
-        rngs=rngs)
+        rope_scaling=cfg.rope_scaling, impl=impl, use_bias=cfg.attention_bias,
+        use_output_bias=cfg.attention_bias, dtype=dtype, param_dtype=pdtype, mesh=mesh, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdtype)
-    self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=pdtype,
-                      rngs=rngs)
+    self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act,
+                        use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
   def __call__(self, x, k_cache, v_cache, inputs):
     h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), k_cache, v_cache, inputs)
@@ -142,6 +219,7 @@ class Llama(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, impl: str = "xla", mesh=None, rngs: nnx.Rngs):
     self.config = config
+    self.impl = impl
     self.mesh = mesh
     pdtype, dtype = jnp.dtype(config.param_dtype), jnp.dtype(config.dtype)
     self.embed_tokens = nnx.Embed(

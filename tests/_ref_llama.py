@@ -1,6 +1,12 @@
 """An independent dense Llama forward in NumPy (float64) over HF-format weights, for tests."""
 
+import math
+
 import numpy as np
+
+_ACTS = {"silu": lambda g: g / (1 + np.exp(-g)),
+         "gelu": lambda g: 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2))),
+         "relu": lambda g: np.maximum(g, 0)}
 
 
 def _rms(x, w, eps):
@@ -28,7 +34,12 @@ def forward(w: dict, cfg: dict, tokens, layout: str = "half") -> np.ndarray:
   h, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
   D = cfg["hidden_size"]
   d = cfg.get("head_dim") or D // h
-  eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+  eps = cfg["rms_norm_eps"]
+  rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta there
+  assert rope.get("rope_type", "default") == "default" and not cfg.get("rope_scaling")
+  theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+  act = _ACTS[cfg.get("hidden_act", "silu")]
+  b = lambda name: w.get(name, 0)
   tokens = np.asarray(tokens)
   T = len(tokens)
   pos = np.arange(T, dtype=np.float64)
@@ -47,11 +58,11 @@ def forward(w: dict, cfg: dict, tokens, layout: str = "half") -> np.ndarray:
     s = np.exp(s - s.max(-1, keepdims=True))
     s /= s.sum(-1, keepdims=True)
     o = np.einsum("hts,shd->thd", s, v).reshape(T, h * d)
-    x = x + o @ w[p + "self_attn.o_proj.weight"].T
+    x = x + o @ w[p + "self_attn.o_proj.weight"].T + b(p + "self_attn.o_proj.bias")
     a = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
-    g = a @ w[p + "mlp.gate_proj.weight"].T
-    u = a @ w[p + "mlp.up_proj.weight"].T
-    x = x + ((g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
+    g = a @ w[p + "mlp.gate_proj.weight"].T + b(p + "mlp.gate_proj.bias")
+    u = a @ w[p + "mlp.up_proj.weight"].T + b(p + "mlp.up_proj.bias")
+    x = x + (act(g) * u) @ w[p + "mlp.down_proj.weight"].T + b(p + "mlp.down_proj.bias")
   x = _rms(x, w["model.norm.weight"], eps)
   head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
   return x @ head.T

@@ -1,5 +1,8 @@
 """The Llama model on the chunk cache vs an independent float64 NumPy forward."""
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,7 @@ import pytest
 from flax import nnx
 
 import _ref_llama
-from chunkattn_jax import checkpoint, layers, llama
+from chunkattn_jax import checkpoint, layers, llama, rope
 from chunkattn_jax.chunk_pool import ChunkPool
 from chunkattn_jax.prefix_tree import PrefixTree
 
@@ -27,14 +30,23 @@ def _prefill_logits(model, tokens, tree, pool, min_new=0):
 @pytest.mark.parametrize("cfg", [
     llama.tiny(),
     llama.tiny(num_kv_heads=1, rope_theta=500000.0, tie_word_embeddings=True),  # MQA, Llama-3 theta
-    llama.tiny(num_heads=4, num_kv_heads=4, head_dim=8, attention_bias=True),
-], ids=["gqa", "mqa_tied_theta5e5", "mha_bias"])
+    llama.tiny(num_heads=4, num_kv_heads=4, head_dim=8, attention_bias=True, mlp_bias=True),
+    llama.tiny(hidden_act="gelu"),
+], ids=["gqa", "mqa_tied_theta5e5", "mha_biases", "gelu"])
 def test_prefill_matches_independent_forward(cfg):
   model = llama.Llama(cfg, rngs=nnx.Rngs(3))
-  if cfg.attention_bias:  # make biases non-zero
-    for layer in model.layers:
-      for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-        proj.bias.set_value(jax.random.normal(jax.random.key(1), proj.bias.get_value().shape))
+  key = jax.random.key(1)
+  for layer in model.layers:  # make every bias (q, k, v, o; gate, up, down) non-zero
+    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                 layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                 layer.mlp.down_proj):
+      if proj.bias is not None:
+        key, sub = jax.random.split(key)
+        proj.bias.set_value(0.3 * jax.random.normal(sub, proj.bias.get_value().shape))
+  if cfg.attention_bias:
+    assert model.layers[0].self_attn.o_proj.bias is not None  # HF: o has a bias too
+  if cfg.mlp_bias:
+    assert model.layers[0].mlp.down_proj.bias is not None
   toks = np.random.default_rng(0).integers(0, cfg.vocab_size, 19).tolist()
   tree = PrefixTree(ChunkPool(16, seed=0), 4)
   logits, _, _ = _prefill_logits(model, toks, tree, model.make_pool(16, 4))
@@ -94,6 +106,41 @@ def test_config_shapes(name, params, kv_heads, theta):
   assert n == params
 
 
-def test_config_validation():
+def test_activations_match_transformers():
+  """Each supported `hidden_act` against transformers' `ACT2FN[name]` on a grid (fixture written
+  by scripts/make_hf_fixtures.py)."""
+  grid = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "activations.npz"))
+  x = jnp.asarray(grid["x"])
+  assert set(llama.ACTIVATIONS) == set(grid.files) - {"x"}
+  for name, fn in llama.ACTIVATIONS.items():
+    np.testing.assert_allclose(np.asarray(fn(x)), grid[name], rtol=1e-6, atol=1e-6, err_msg=name)
+  # The grid tells the GELU variants apart (exact erf vs tanh approximation).
+  assert np.abs(grid["gelu"] - grid["gelu_pytorch_tanh"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_layers", 0, "num_layers must be a positive integer, got 0"),
+    ("num_layers", -1, "num_layers must be a positive integer, got -1"),
+    ("vocab_size", 97.0, "vocab_size must be a positive integer, got 97.0"),
+    ("num_heads", True, "num_heads must be a positive integer, got True"),
+    ("head_dim", 15, "head_dim must be even"),
+    ("head_dim", 0, "head_dim must be a positive integer, got 0"),
+    ("rms_norm_eps", -1.0, "rms_norm_eps must be a finite number > 0, got -1.0"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0, got nan"),
+    ("rope_theta", 0.0, "rope_theta must be a finite number > 0"),
+    ("hidden_act", "tanh", "hidden_act='tanh' is not supported"),
+    ("attention_bias", 1, "attention_bias must be a bool, got 1"),
+    ("dtype", "float64", "dtype must be one of"),
+    ("param_dtype", "int8", "param_dtype must be one of"),
+    ("rope_scaling", {"rope_type": "linear"}, "rope_scaling must be a rope.RopeScaling"),
+    ("rope_scaling", rope.RopeScaling("dynamic", 2.0, original_max_position_embeddings=64),
+     "dynamic RoPE scaling is relative to max_position_embeddings=512"),
+])
+def test_config_validation(field, value, match):
+  with pytest.raises(ValueError, match=re.escape(match)):
+    llama.tiny(**{field: value})
+
+
+def test_config_validation_heads():
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     llama.tiny(num_heads=4, num_kv_heads=3)
