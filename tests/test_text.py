@@ -289,7 +289,7 @@ def test_generate_command(ckpt, model):
     (["--impl", "pallas"], "impl='pallas' cannot run this model: head_dim=16"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer, got 0"),
     (["--stop", ""], "stop strings must be non-empty"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "SamplingParams.temperature"),
 ])
 def test_generate_command_errors(ckpt, args, match):
   out, err = io.StringIO(), io.StringIO()
