@@ -273,6 +273,8 @@ def compile_specs(specs: list[dict], *, workers: int | None = None,
         if p.poll() is None:
           p.kill()
           p.wait()
+        if not p.stdout.closed:
+          p.stdout.close()
   out = [None] * len(specs)
   for w, reports in enumerate(results):
     out[w::workers] = reports
@@ -296,11 +298,12 @@ def _start_worker(specs: list[dict], tmp: str) -> subprocess.Popen:
       XLA_FLAGS=(env.get("XLA_FLAGS", "") + f" --xla_dump_to={os.path.join(tmp, 'xla')}"),
       SM90_TMP=tmp, TF_CPP_MIN_LOG_LEVEL="2")
   # stderr to a file: a worker blocked on a full stderr pipe would never finish its stdout.
-  proc = subprocess.Popen([sys.executable, "-m", "pallas_kernels.deviceless"],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=open(os.path.join(tmp, "stderr.txt"), "w"), text=True, env=env,
-                          cwd=repo)
-  proc.log_path = os.path.join(tmp, "stderr.txt")
+  log_path = os.path.join(tmp, "stderr.txt")
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen([sys.executable, "-m", "pallas_kernels.deviceless"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=env, cwd=repo)
+  proc.log_path = log_path
   proc.stdin.write(json.dumps(specs))
   proc.stdin.close()
   return proc
@@ -308,11 +311,13 @@ def _start_worker(specs: list[dict], tmp: str) -> subprocess.Popen:
 
 def _finish_worker(proc: subprocess.Popen, n: int, timeout_s: float) -> list[CompileReport]:
   try:
-    stdout = proc.stdout.read()
+    with proc.stdout:
+      stdout = proc.stdout.read()
     proc.wait(timeout=timeout_s)
   finally:
     if proc.poll() is None:
       proc.kill()
+      proc.wait()
   with open(proc.log_path) as f:
     stderr = f.read()
   if proc.returncode:
