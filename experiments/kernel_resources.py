@@ -56,3 +56,43 @@ def run(config, progress) -> list[dict]:
       rows += rows_of(spec, report)
     progress(start + len(chunk), len(all_specs), "compiled")
   return rows
+
+
+def _span(values) -> str:
+  lo, hi = min(values), max(values)
+  return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """One line per (d, dtype, g): each kernel's figures over the chunk sizes (ranges where they
+  differ). The table docs/kernels.md shows."""
+  head = ("| d | dtype | g | kernel | registers | spills | smem KB | CTAs/SM | barriers/iter | "
+          "MMA | tiles in flight |\n|---|---|---|---|---|---|---|---|---|---|---|")
+  lines = [head]
+  keys = dict.fromkeys((r["d"], r["dtype"], r["g"]) for r in rows)
+  for d, dtype, g in keys:
+    sub = [r for r in rows if (r["d"], r["dtype"], r["g"]) == (d, dtype, g)]
+    for family in ("chunk_first", "sequence_first"):
+      ks = [r for r in sub if r["kernel"].startswith(family)]
+      if not ks:
+        continue
+      path = {"_cuda": " (CUDA cores)", "_mma": " (tensor cores)"}
+      name = family + next((v for k, v in path.items() if ks[0]["kernel"].endswith(k)), "")
+      flight = {r["tiles_in_flight"] for r in ks}
+      lines.append(
+          f"| {d} | {dtype} | {g} | {name} | {_span([r['registers'] for r in ks])} | "
+          f"{_span([r['spill_bytes'] for r in ks])} | "
+          f"{_span([round(r['smem_bytes'] / 1024) for r in ks])} | "
+          f"{_span([r['ctas_per_sm'] for r in ks])} | "
+          f"{_span([r['barriers_per_iteration'] for r in ks])} | "
+          f"{'/'.join(sorted({r['mma'] for r in ks}))} | "
+          f"{'2 (registers)' if flight == {None} else _span([f for f in flight if f is not None])} |")
+  return "\n".join(lines)
+
+
+def summary(rows, config) -> str:
+  del config
+  worst = max(rows, key=lambda r: r["registers"])
+  return (f"{len(rows)} kernels; spills: {sum(r['spill_bytes'] for r in rows)} bytes in all; "
+          f"most registers: {worst['registers']} ({worst['kernel']}, d={worst['d']}, "
+          f"{worst['dtype']}); kernels per call: {sorted({r['gpu_kernels'] for r in rows})}")

@@ -85,8 +85,8 @@ class SequenceFirstConfig:
                  num_warps=8 if (itemsize == 4 and d >= 256) else 4, num_stages=1,
                  cuda_core=True)
     one_warp = d <= (128 if itemsize <= 2 else 64)
-    return cls(block_n=min(c, 32 if d <= 64 else 16), num_warps=1 if one_warp else 4,
-               num_stages=4, cuda_core=False)
+    return cls(block_n=min(c, 32 if d <= 64 and itemsize <= 2 else 16),
+               num_warps=1 if one_warp else 4, num_stages=4, cuda_core=False)
 
 
 # --------------------------------------------------------------------------------------------
