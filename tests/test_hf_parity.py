@@ -166,7 +166,7 @@ def test_greedy_engine_with_prefix_sharing_matches_transformers(name):
   model = _load(name)
   n_new = len(fx.greedy(0)[0])
   eng = Engine(model, EngineConfig(n_chunks=32, chunk_size=4, record_logits=True, pool_seed=1,
-                                   max_prefill_batch=1, min_plan_capacities=(8, 8, 4, 4, 4, 4)))
+                                   max_prefill_batch=1, min_plan_capacities=(8, 8, 4, 4, 4)))
   rids = [eng.submit(fx.prompts[0], n_new)]
   eng.step()
   eng.step()
