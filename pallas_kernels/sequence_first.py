@@ -74,7 +74,8 @@ class SequenceFirstConfig:
 
     CUDA cores (g <= 2): 4 warps (8 for fp32 at d = 256), tiles of ~4K 16-bit (2K fp32) elements
     per head accumulator. Tensor cores: one warp per program where a [16, d] fp32 accumulator
-    fits its registers (16-bit inputs, d <= 128), so row max and sum never leave the warp (with
+    fits its registers (16-bit inputs at d <= 128, fp32 at d <= 64), so row max and sum never
+    leave the warp (with
     more warps a 16-row MMA splits a tile's columns across warps and every row statistic needs a
     shared-memory round trip); otherwise 4 warps. 4 stages = 2 tiles in flight.
     """
@@ -176,6 +177,7 @@ def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, rows, h, h_
   gi = jnp.arange(rows)
   q = plgpu.load(q_ref.at[(r * h + j * g + gi)[:, None], col], mask=(gi < g)[:, None],
                  other=0.0)  # [rows, d]
+  _, load = _tile_loader(k_ref, v_ref, slots_ref, r, j, length, h_kv=h_kv, c=c, block_n=block_n)
   num_chunks = pl.cdiv(length, c)
   num_tiles = pl.cdiv(length, block_n)
 
@@ -184,12 +186,9 @@ def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, rows, h, h_
 
     def body(n, carry):
       o, m, l = carry
-      chunk, tile = _common.divmod_static(n, tiles_per_chunk)
-      slot = jnp.sum(jnp.where(jnp.arange(sb) == chunk - b * sb, slots, 0))
+      chunk, _ = _common.divmod_static(n, tiles_per_chunk)
+      kt, vt = load(n, jnp.sum(jnp.where(jnp.arange(sb) == chunk - b * sb, slots, 0)))
       valid = n * block_n + tok < length
-      kv_row = (slot * h_kv + j) * c + tile * block_n + tok
-      kt = plgpu.load(k_ref.at[kv_row[:, None], col], mask=valid[:, None], other=0.0)
-      vt = plgpu.load(v_ref.at[kv_row[:, None], col], mask=valid[:, None], other=0.0)
       s = plgpu.dot(q, kt, trans_b=True, precision=precision) * sm_scale  # [rows, block_n]
       s = jnp.where(valid[None, :], s, NEG)
       m_new = jnp.maximum(m, s.max(axis=-1))
