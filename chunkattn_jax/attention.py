@@ -26,8 +26,9 @@ def plan_kwargs(plan: DecodePlan) -> dict:
               item_rows_capacity=plan.item_rows_capacity)
 
 
-def validate_plan(plan: DecodePlan, n_chunks: int) -> None:
-  """Eager value checks of `plan` against a pool of `n_chunks` slots (`InvalidPlanError`).
+def validate_plan(plan: DecodePlan, n_chunks: int, tokens_per_row: int = 1) -> None:
+  """Eager value checks of `plan` against a pool of `n_chunks` slots (`InvalidPlanError`); with
+  `tokens_per_row` T > 1, every live row must have at least T private tokens.
 
   Vectorised NumPy: a few tens of microseconds at b = 32, well under a plan build. Skipped (returns
   without checking) when the plan's arrays are tracers, i.e. inside `jax.jit`.
@@ -36,7 +37,7 @@ def validate_plan(plan: DecodePlan, n_chunks: int) -> None:
     return
   validate_plan_arrays(**{name: np.asarray(getattr(plan, name)) for name in _ARRAYS},
                        n_chunks=n_chunks, chunk_size=plan.chunk_size,
-                       item_rows_capacity=plan.item_rows_capacity)
+                       item_rows_capacity=plan.item_rows_capacity, tokens_per_row=tokens_per_row)
 
 
 def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, plan: DecodePlan, *,
@@ -45,7 +46,10 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, plan: D
   """One decode step of attention for every plan row.
 
   Args:
-    q: [R, h, d] queries in plan row order (R = plan.row_capacity), float16/bfloat16/float32.
+    q: [R, h, d] queries in plan row order (R = plan.row_capacity), float16/bfloat16/float32; or
+      [R, T, h, d]: T new tokens per row (speculative verification, a short chunked prefill),
+      appended to the tree before the plan, so they are the last T of each row's private tokens;
+      token t attends to the shared prefix, the private tokens before it and itself.
     k_pool, v_pool: [n_chunks, h_kv, c, d] with c = plan.chunk_size; h % h_kv == 0.
     plan: the decode plan (NumPy or device arrays; it is a pytree, so it can be a jit argument).
     impl: "pallas" | "pallas_interpret" | "xla" | "reference".
@@ -58,13 +62,14 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, plan: D
       `sequence_first_config`).
 
   Returns:
-    [R, h, d] in q.dtype; spare rows are zeros.
+    q's shape and dtype; spare rows are zeros.
   """
   if k_pool.ndim != 4 or k_pool.shape[2] != plan.chunk_size:
     raise ValueError(f"k_pool must be [n_chunks, h_kv, {plan.chunk_size}, d]: {k_pool.shape=}")
-  if q.ndim != 3 or q.shape[0] != plan.row_capacity:
-    raise ValueError(f"q must be [{plan.row_capacity}, h, d] (plan rows): {q.shape=}")
+  if q.ndim not in (3, 4) or q.shape[0] != plan.row_capacity:
+    raise ValueError(f"q must be [{plan.row_capacity}, h, d] or [{plan.row_capacity}, T, h, d] "
+                     f"(plan rows): {q.shape=}")
   if validate:
-    validate_plan(plan, k_pool.shape[0])
+    validate_plan(plan, k_pool.shape[0], tokens_per_row=1 if q.ndim == 3 else q.shape[1])
   return two_phase_decode(q, k_pool, v_pool, **plan_kwargs(plan), impl=impl, sm_scale=sm_scale,
                           **knobs)

@@ -33,9 +33,10 @@ def divmod_static(x, m: int):
   return lax.div(x, jnp.int32(m)), lax.rem(x, jnp.int32(m))
 
 
-def partial_heads(g: int) -> int:
-  """gp: query heads per KV head as stored in the partial buffers (g padded to a power of two)."""
-  return next_pow2(g)
+def partial_heads(nq: int) -> int:
+  """gp: the queries of one (row, KV head) as stored in the partial buffers: nq = T * g (T tokens
+  per row times g query heads per KV head), padded to a power of two."""
+  return next_pow2(nq)
 
 
 def dot_precision(dtype):
@@ -43,18 +44,23 @@ def dot_precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def tokens_per_row(q) -> int:
+  """T: new tokens (queries) per row, for q [R, h, d] (T = 1) or [R, T, h, d]."""
+  return 1 if q.ndim == 3 else q.shape[1]
+
+
 def check_qkv(q, k_pool, v_pool, *, pallas: bool) -> tuple[int, int, int, int, int]:
-  """Trace-time checks of q [R, h, d], k_pool/v_pool [n_chunks, h_kv, c, d].
+  """Trace-time checks of q [R, h, d] or [R, T, h, d], k_pool/v_pool [n_chunks, h_kv, c, d].
 
   Returns (R, h, h_kv, c, d).
   """
-  if q.ndim != 3:
-    raise ValueError(f"q must be [R, h, d], got {q.shape=}")
+  if q.ndim not in (3, 4) or 0 in q.shape:
+    raise ValueError(f"q must be [R, h, d] or [R, T, h, d], got {q.shape=}")
   if k_pool.ndim != 4:
     raise ValueError(f"k_pool must be [n_chunks, h_kv, c, d], got {k_pool.shape=}")
   if v_pool.shape != k_pool.shape:
     raise ValueError(f"v_pool must match k_pool: {k_pool.shape=} {v_pool.shape=}")
-  R, h, d = q.shape
+  R, h, d = q.shape[0], q.shape[-2], q.shape[-1]
   _, h_kv, c, d_kv = k_pool.shape
   if d_kv != d:
     raise ValueError(f"head dims differ: {q.shape=} {k_pool.shape=}")

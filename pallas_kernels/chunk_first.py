@@ -3,9 +3,11 @@
 One program per (shared work item, KV head, row block). A work item is a piece of a run of full,
 shared chunks (at most ``G`` chunks) whose rows are ``[item_row_begin, item_row_end)``; long runs
 are split into several items by the plan so that the phase has enough programs to fill the GPU.
-The queries of the item's rows, for all ``g`` query heads of the KV head's group, form one
-``[rows * g, d]`` matrix (flattened row-major as (row, head in group)), so the scores are a
-matrix-matrix product and the item's K/V is read once per row block instead of once per row.
+The queries of the item's rows, for all ``g`` query heads of the KV head's group (and all ``T``
+new tokens of each row when rows carry several), form one ``[rows * T * g, d]`` matrix (flattened
+row-major as (row, token, head in group)), so the scores are a matrix-matrix product and the
+item's K/V is read once per row block instead of once per row. Shared chunks precede every new
+token, so no causal mask applies here.
 
 q is read in its natural ``[R, h, d]`` layout and K/V straight from the pool, by computed row
 indices (no transposed or padded copies). The item's ``G`` pool slots are read once, before the
@@ -16,7 +18,7 @@ each tile's address wait for a load, and the pipeline would collapse to one tile
 Each program writes, per (row, query head), a normalised partial output and its log-sum-exp, fp32,
 at the item's *slot* ``k = item_slot[i]``: the item's position in the list of items of every row it
 covers (the same for all of them, by construction of the plan). Partial layout
-(``gp = next_pow2(g)``, ``K`` slots per row):
+(``gp = next_pow2(T * g)``, ``K`` slots per row; query ``(t, gi)`` at ``t * g + gi``):
 
 * ``o: [R, h_kv, K, gp, d]`` ``sum_t softmax(s)_t v_t`` over the item's tokens;
 * ``lse: [R, h_kv, K, gp]`` ``log(sum_t exp(s_t))`` of the scaled scores (natural log).
@@ -91,7 +93,7 @@ def _chunk_first_kernel(
     item_row_begin_ref,  # [I] int32
     item_row_end_ref,  # [I] int32
     item_slot_ref,  # [I] int32 the item's partial slot k in its rows
-    q_ref,  # [R * h, d] queries, natural layout flattened
+    q_ref,  # [R * T * h, d] queries, natural layout ([R, T, h, d]) flattened
     k_ref,  # [n_chunks * h_kv * c, d] the pool flattened: token t of slot s, head j at (s*h_kv+j)*c+t
     v_ref,  # [n_chunks * h_kv * c, d]
     # outputs
@@ -99,6 +101,7 @@ def _chunk_first_kernel(
     lse_ref,  # [R * h_kv * K * gp] f32
     *,
     g: int,
+    T: int,
     h: int,
     h_kv: int,
     K: int,
@@ -110,24 +113,26 @@ def _chunk_first_kernel(
 ):
   i = pl.program_id(0)  # work item
   j = pl.program_id(1)  # KV head
-  t = pl.program_id(2)  # row block inside the item
-  gp = _common.partial_heads(g)
+  b = pl.program_id(2)  # row block inside the item
+  nq = T * g  # queries per (row, KV head)
+  gp = _common.partial_heads(nq)
   d = q_ref.shape[-1]
   G = item_chunks_ref.shape[1]
   num_chunks = item_num_chunks_ref[i]
   begin = item_row_begin_ref[i]
-  num_q = (item_row_end_ref[i] - begin) * g  # flattened query rows of this item
-  start = t * block_m
+  num_q = (item_row_end_ref[i] - begin) * nq  # flattened query rows of this item
+  start = b * block_m
 
   @pl.when((num_chunks > 0) & (start < num_q))
   def _compute():
-    qi = start + jnp.arange(block_m)  # [block_m] flattened (row, head in group)
+    qi = start + jnp.arange(block_m)  # [block_m] flattened (row, token, head in group)
     row_ok = qi < num_q
-    row_in_item, gi = _common.divmod_static(qi, g)
+    row_in_item, qn = _common.divmod_static(qi, nq)
+    t, gi = _common.divmod_static(qn, g)
     row = begin + row_in_item
     col = jnp.arange(d)[None, :]
-    q = plgpu.load(q_ref.at[(row * h + j * g + gi)[:, None], col], mask=row_ok[:, None],
-                   other=0.0)  # [block_m, d]
+    q = plgpu.load(q_ref.at[((row * T + t) * h + j * g + gi)[:, None], col],
+                   mask=row_ok[:, None], other=0.0)  # [block_m, d]
     tiles_per_chunk = c // block_n
     tok = jnp.arange(block_n)
     slots = item_chunks_ref[i, :]  # [G], read once: loop addresses need no load
@@ -153,7 +158,7 @@ def _chunk_first_kernel(
     o, m, l = lax.fori_loop(0, num_chunks * tiles_per_chunk, body, (o0, m0, l0))
 
     # Every covered row saw >= 1 full chunk, so l >= 1 here.
-    dst = ((row * h_kv + j) * K + item_slot_ref[i]) * gp + gi  # [block_m]
+    dst = ((row * h_kv + j) * K + item_slot_ref[i]) * gp + qn  # [block_m]
     plgpu.store(o_ref.at[dst[:, None], col], o / l[:, None], mask=row_ok[:, None])
     plgpu.store(lse_ref.at[dst], m + jnp.log(l), mask=row_ok)
 
@@ -163,21 +168,22 @@ def _chunk_first_kernel(
 # --------------------------------------------------------------------------------------------
 def _chunk_first_call(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin, item_row_end,
                       item_slot, partials, *, K, item_rows_capacity, config, sm_scale, interpret):
-  R, h, d = q.shape
+  R, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+  T = _common.tokens_per_row(q)
   n_chunks, h_kv, c, _ = k_pool.shape
   g = h // h_kv
-  gp = _common.partial_heads(g)
+  gp = _common.partial_heads(T * g)
   num_items = item_chunks.shape[0]
   block_n = min(config.block_n, c)
-  row_blocks = pl.cdiv(item_rows_capacity * g, config.block_m)
+  row_blocks = pl.cdiv(item_rows_capacity * T * g, config.block_m)
   kernel = functools.partial(
-      _chunk_first_kernel, g=g, h=h, h_kv=h_kv, K=K, c=c, block_m=config.block_m,
+      _chunk_first_kernel, g=g, T=T, h=h, h_kv=h_kv, K=K, c=c, block_m=config.block_m,
       block_n=block_n, sm_scale=sm_scale, precision=_common.dot_precision(q.dtype))
   flat = (jax.ShapeDtypeStruct((R * h_kv * K * gp, d), jnp.float32),
           jax.ShapeDtypeStruct((R * h_kv * K * gp,), jnp.float32))
   extra = {}
   args = [item_chunks, item_num_chunks, item_row_begin, item_row_end, item_slot,
-          q.reshape(R * h, d), k_pool.reshape(n_chunks * h_kv * c, d),
+          q.reshape(R * T * h, d), k_pool.reshape(n_chunks * h_kv * c, d),
           v_pool.reshape(n_chunks * h_kv * c, d)]
   if partials is not None:
     # Write into the caller's buffers (tests poison them): unwritten entries keep their values.
@@ -201,9 +207,9 @@ def _chunk_first_call(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_
 # --------------------------------------------------------------------------------------------
 # 3. Public jitted function.
 # --------------------------------------------------------------------------------------------
-def empty_partials(R: int, h_kv: int, g: int, d: int, K: int, fill=jnp.nan):
+def empty_partials(R: int, h_kv: int, g: int, d: int, K: int, fill=jnp.nan, T: int = 1):
   """A partial buffer (o, lse) in the layout of the module docstring, filled with `fill`."""
-  gp = _common.partial_heads(g)
+  gp = _common.partial_heads(T * g)
   return (jnp.full((R, h_kv, K, gp, d), fill, jnp.float32),
           jnp.full((R, h_kv, K, gp), fill, jnp.float32))
 
@@ -220,7 +226,8 @@ def _check_items(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin
     raise ValueError(f"items_per_row must be >= 1: {K=}")
   g = h // h_kv
   if partials is not None:
-    _common.check_partials(partials, R, h_kv, K, _common.partial_heads(g), d)
+    nq = _common.tokens_per_row(q) * g
+    _common.check_partials(partials, R, h_kv, K, _common.partial_heads(nq), d)
   return R, h, h_kv, c, d, g
 
 
@@ -234,7 +241,8 @@ def chunk_first(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
   """Chunk-first partial attention of every shared work item (Pallas, Triton backend).
 
   Args:
-    q: [R, h, d] queries (one per row), float16/bfloat16/float32.
+    q: [R, h, d] queries (one per row) or [R, T, h, d] (T new tokens per row),
+      float16/bfloat16/float32.
     k_pool, v_pool: [n_chunks, h_kv, c, d], same dtype as q.
     item_chunks: int32 [I, G] pool slots of each item's (full) chunks.
     item_num_chunks: int32 [I] valid chunks per item; 0 = spare item (writes nothing).
@@ -249,7 +257,8 @@ def chunk_first(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
     interpret: run the kernel in Pallas interpret mode (CPU).
 
   Returns:
-    (o f32 [R, h_kv, K, gp, d], lse f32 [R, h_kv, K, gp]), gp = next_pow2(h // h_kv).
+    (o f32 [R, h_kv, K, gp, d], lse f32 [R, h_kv, K, gp]), gp = next_pow2(T * h // h_kv); query
+    (token t, head gi of the group) at t * g + gi.
   """
   R, h, h_kv, c, d, g = _check_items(q, k_pool, v_pool, item_chunks, item_num_chunks,
                                      item_row_begin, item_row_end, item_slot, partials,
@@ -280,16 +289,19 @@ def chunk_first_reference(q, k_pool, v_pool, item_chunks, item_num_chunks, item_
                                      item_row_begin, item_row_end, item_slot, partials,
                                      items_per_row, pallas=False)
   K = items_per_row
-  gp = _common.partial_heads(g)
+  T = _common.tokens_per_row(q)
+  nq = T * g  # the (token, head in group) queries of one (row, KV head), token-major
+  gp = _common.partial_heads(nq)
   RI = R if item_rows_capacity is None else item_rows_capacity
   sm_scale = d ** -0.5 if sm_scale is None else sm_scale
   G = item_chunks.shape[1]
   if partials is None:
-    partials = empty_partials(R, h_kv, g, d, K, fill=0.0)
+    partials = empty_partials(R, h_kv, g, d, K, fill=0.0, T=T)
   rel = jnp.arange(RI, dtype=jnp.int32)
   rows = item_row_begin[:, None] + rel  # [I, RI]
   live = (rows < item_row_end[:, None]) & (item_num_chunks[:, None] > 0)
-  qi = q.reshape(R, h_kv, g, d)[jnp.clip(rows, 0, R - 1)]  # [I, RI, h_kv, g, d]
+  q_rj = q.reshape(R, T, h_kv, g, d).transpose(0, 2, 1, 3, 4).reshape(R, h_kv, nq, d)
+  qi = q_rj[jnp.clip(rows, 0, R - 1)]  # [I, RI, h_kv, nq, d]
   kc = k_pool[item_chunks]  # [I, G, h_kv, c, d]
   vc = v_pool[item_chunks]
   s = jnp.einsum("irjgd,injtd->irjgnt", qi, kc, preferred_element_type=jnp.float32,
@@ -304,9 +316,9 @@ def chunk_first_reference(q, k_pool, v_pool, item_chunks, item_num_chunks, item_
   safe_l = jnp.where(l > 0, l, 1.0)
   o = o / safe_l[..., None]
   lse = m + jnp.log(safe_l)
-  if gp != g:
-    o = jnp.pad(o, ((0, 0),) * 3 + ((0, gp - g), (0, 0)))
-    lse = jnp.pad(lse, ((0, 0),) * 3 + ((0, gp - g),), constant_values=NEG)
+  if gp != nq:
+    o = jnp.pad(o, ((0, 0),) * 3 + ((0, gp - nq), (0, 0)))
+    lse = jnp.pad(lse, ((0, 0),) * 3 + ((0, gp - nq),), constant_values=NEG)
   # Scatter item rows to (row, slot); dead (item, row) pairs go out of bounds and are dropped.
   dst_row = jnp.where(live, rows, R)  # [I, RI]
   dst_slot = jnp.broadcast_to(item_slot[:, None], rows.shape)

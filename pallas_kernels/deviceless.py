@@ -401,9 +401,10 @@ def _worker() -> None:
 # --------------------------------------------------------------------------------------------
 def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 32,
                 items: int = 16, chunks_per_item: int = 16, private_chunks: int = 64,
-                items_per_row: int = 16, n_chunks: int = 4096, chunk_first_config=None,
-                sequence_first_config=None):
-  """`two_phase_decode(impl="pallas")` at the given shapes (configs as dicts of knobs)."""
+                items_per_row: int = 16, n_chunks: int = 4096, tokens_per_row: int = 1,
+                chunk_first_config=None, sequence_first_config=None):
+  """`two_phase_decode(impl="pallas")` at the given shapes (configs as dicts of knobs);
+  `tokens_per_row` > 1 gives q [rows, T, h, d]."""
   import jax
   import jax.numpy as jnp
 
@@ -430,7 +431,8 @@ def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 
     return fn(q, k_pool, v_pool, **dict(zip(names, plan)))
 
   pool = jax.ShapeDtypeStruct((n_chunks, h_kv, c, d), dt)
-  return call, (jax.ShapeDtypeStruct((R, h, d), dt), pool, pool, *kw.values())
+  q_shape = (R, h, d) if tokens_per_row == 1 else (R, tokens_per_row, h, d)
+  return call, (jax.ShapeDtypeStruct(q_shape, dt), pool, pool, *kw.values())
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ MERGE_BLOCK_ELEMS = 2048
 SLOT_BLOCK = 16
 
 
+def mma_rows(nq: int, dtype) -> int:
+  """Rows of the tensor-core path's query block for nq queries per (row, KV head): 16 (one
+  warp's MMA) up to 16 queries; for 16-bit inputs otherwise at least 64, one warpgroup MMA per
+  64 rows, so the row statistics stay inside each warp (a 32-row block would split its columns
+  across warps). fp32 products run on CUDA cores, where 64 padded rows would spill: no padding."""
+  gp = max(16, _common.partial_heads(nq))
+  return gp if gp == 16 or jnp.dtype(dtype).itemsize > 2 else max(64, gp)
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceFirstConfig:
   """Tuning knobs of the sequence-first kernel (static; hashable).
@@ -69,7 +78,8 @@ class SequenceFirstConfig:
       raise ValueError(f"num_stages must be in [1, 6]: {self.num_stages=}")
 
   @classmethod
-  def default(cls, *, d: int, c: int, g: int, dtype) -> "SequenceFirstConfig":
+  def default(cls, *, d: int, c: int, g: int, dtype,
+              tokens_per_row: int = 1) -> "SequenceFirstConfig":
     """Heuristic, from the sm_90a resource table (docs/kernels.md).
 
     CUDA cores (g <= 2): 4 warps (8 for fp32 at d = 256), tiles of ~4K 16-bit (2K fp32) elements
@@ -77,17 +87,24 @@ class SequenceFirstConfig:
     fits its registers (16-bit inputs at d <= 128, fp32 at d <= 64), so row max and sum never
     leave the warp (with
     more warps a 16-row MMA splits a tile's columns across warps and every row statistic needs a
-    shared-memory round trip); otherwise 4 warps. 4 stages = 2 tiles in flight.
+    shared-memory round trip); otherwise 4 warps. 4 stages = 2 tiles in flight. Rows with T > 1
+    new tokens have T * g queries per (row, KV head): more than 16 are padded to 64-row blocks
+    with 4 warps (a warpgroup MMA), 8 warps from 128 rows (`mma_rows`).
     """
     itemsize = jnp.dtype(dtype).itemsize
-    if g <= CUDA_CORE_MAX_GROUP:
+    nq = g * tokens_per_row
+    if nq <= CUDA_CORE_MAX_GROUP:
       elems = 4096 if itemsize <= 2 else 2048
-      return cls(block_n=max(16, min(c, elems // (d * g))),
+      return cls(block_n=max(16, min(c, elems // (d * nq))),
                  num_warps=8 if (itemsize == 4 and d >= 256) else 4, num_stages=1,
                  cuda_core=True)
-    one_warp = d <= (128 if itemsize <= 2 else 64)
-    return cls(block_n=min(c, 32 if d <= 64 and itemsize <= 2 else 16),
-               num_warps=1 if one_warp else 4, num_stages=4, cuda_core=False)
+    rows = mma_rows(nq, dtype)
+    if rows == 16:
+      warps = 1 if d <= (128 if itemsize <= 2 else 64) else 4
+    else:
+      warps = 4 if rows <= 64 and itemsize <= 2 or rows <= 32 else 8
+    return cls(block_n=min(c, 32 if d <= 64 and itemsize <= 2 else 16), num_warps=warps,
+               num_stages=4, cuda_core=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,31 +133,36 @@ def _tile_loader(k_ref, v_ref, slots_ref, r, j, length, *, h_kv, c, block_n):
   return slot_of, load
 
 
-def _private_cuda_core(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, h, h_kv, c, block_n,
-                       sm_scale):
+def _private_cuda_core(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, T, h, h_kv, c,
+                       block_n, sm_scale):
   """Private attention of one (row, KV head) on CUDA cores.
 
   The compiler pipelines only loads that feed a dot, so the tile loop prefetches by hand: tile n+2
   is requested (and the slot of tile n+3) before tile n, loaded two iterations earlier, is used.
 
-  Returns per query head gi < g: (o [d] unnormalised, m [], l []) as lists.
+  Returns per query qn = t * g + gi < T * g: (o [d] unnormalised, m [], l []) as lists.
   """
   d = q_ref.shape[-1]
   tok = jnp.arange(block_n)
   slot_of, load = _tile_loader(k_ref, v_ref, slots_ref, r, j, length, h_kv=h_kv, c=c,
                                block_n=block_n)
-  qs = [q_ref[r * h + j * g + gi, :].astype(jnp.float32) * sm_scale for gi in range(g)]
+  queries = [divmod(qn, g) for qn in range(T * g)]  # (token, head in group)
+  qs = [q_ref[(r * T + t) * h + j * g + gi, :].astype(jnp.float32) * sm_scale
+        for t, gi in queries]
+  # Token t of the row's T new ones sees the private tokens before it (causal inside the tail).
+  limits = [length - (T - 1 - t) for t, _ in queries]
 
   def body(n, carry):
     lanes, tile_n, tile_n1, slot_n2 = carry
     slot_n3 = slot_of(n + 3)
     tile_n2 = load(n + 2, slot_n2)
     kt, vt = (x.astype(jnp.float32) for x in tile_n)
-    valid = n * block_n + tok < length
+    pos = n * block_n + tok
     out = []
-    for gi in range(g):
-      o, m, l = lanes[gi]
-      s = jnp.where(valid, jnp.sum(kt * qs[gi][None, :], axis=1), NEG)  # [block_n]
+    for qn, limit in enumerate(limits):
+      o, m, l = lanes[qn]
+      valid = pos < limit
+      s = jnp.where(valid, jnp.sum(kt * qs[qn][None, :], axis=1), NEG)  # [block_n]
       m_new = jnp.maximum(m, s)
       alpha = jnp.exp(m - m_new)
       p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
@@ -148,7 +170,7 @@ def _private_cuda_core(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, h, h_
     return tuple(out), tile_n1, tile_n2, slot_n3
 
   lanes = tuple((jnp.zeros((block_n, d), jnp.float32), jnp.full((block_n,), NEG, jnp.float32),
-                 jnp.zeros((block_n,), jnp.float32)) for _ in range(g))
+                 jnp.zeros((block_n,), jnp.float32)) for _ in queries)
   init = (lanes, load(0, slot_of(0)), load(1, slot_of(1)), slot_of(2))
   lanes = lax.fori_loop(0, pl.cdiv(length, block_n), body, init)[0]
   result = []
@@ -159,14 +181,15 @@ def _private_cuda_core(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, h, h_
   return result
 
 
-def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, rows, h, h_kv, c, block_n,
-                 sm_scale, precision):
+def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, T, rows, h, h_kv, c,
+                 block_n, sm_scale, precision):
   """Private attention of one (row, KV head) on tensor cores.
 
   Slots are read `SLOT_BLOCK` at a time into registers outside the (software-pipelined) tile loop,
   so no K/V address in that loop waits for a load.
 
-  Returns (o [rows, d] unnormalised, m [rows], l [rows]); rows >= g are padding.
+  Returns (o [rows, d] unnormalised, m [rows], l [rows]); row qn = t * g + gi is query head gi
+  of the row's new token t; rows >= T * g are padding.
   """
   d = q_ref.shape[-1]
   col = jnp.arange(d)[None, :]
@@ -174,9 +197,11 @@ def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, rows, h, h_
   tiles_per_chunk = c // block_n
   P = slots_ref.shape[1]
   sb = min(SLOT_BLOCK, P)
-  gi = jnp.arange(rows)
-  q = plgpu.load(q_ref.at[(r * h + j * g + gi)[:, None], col], mask=(gi < g)[:, None],
-                 other=0.0)  # [rows, d]
+  qn = jnp.arange(rows)
+  t, gi = _common.divmod_static(qn, g)
+  q = plgpu.load(q_ref.at[((r * T + t) * h + j * g + gi)[:, None], col],
+                 mask=(qn < T * g)[:, None], other=0.0)  # [rows, d]
+  limit = length - (T - 1 - t)  # [rows]: causal inside the row's new tokens
   _, load = _tile_loader(k_ref, v_ref, slots_ref, r, j, length, h_kv=h_kv, c=c, block_n=block_n)
   num_chunks = pl.cdiv(length, c)
   num_tiles = pl.cdiv(length, block_n)
@@ -188,12 +213,13 @@ def _private_mma(q_ref, k_ref, v_ref, slots_ref, r, j, length, *, g, rows, h, h_
       o, m, l = carry
       chunk, _ = _common.divmod_static(n, tiles_per_chunk)
       kt, vt = load(n, jnp.sum(jnp.where(jnp.arange(sb) == chunk - b * sb, slots, 0)))
-      valid = n * block_n + tok < length
+      pos = n * block_n + tok
+      valid = (pos[None, :] < limit[:, None]) if T > 1 else (pos < length)[None, :]
       s = plgpu.dot(q, kt, trans_b=True, precision=precision) * sm_scale  # [rows, block_n]
-      s = jnp.where(valid[None, :], s, NEG)
+      s = jnp.where(valid, s, NEG)
       m_new = jnp.maximum(m, s.max(axis=-1))
       alpha = jnp.exp(m - m_new)
-      p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+      p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
       o_new = alpha[:, None] * o + plgpu.dot(p.astype(vt.dtype), vt, precision=precision)
       return o_new, m_new, alpha * l + p.sum(axis=-1)
 
@@ -222,14 +248,14 @@ def _sequence_first_kernel(
     row_private_chunks_ref,  # [R, P] int32 pool slots
     row_private_len_ref,  # [R] int32 private tokens at plan build time
     row_num_items_ref,  # [R] int32 partial slots in use
-    q_ref,  # [R * h, d]
+    q_ref,  # [R * T * h, d] (q [R, T, h, d] flattened)
     k_ref,  # [n_chunks * h_kv * c, d]
     v_ref,  # [n_chunks * h_kv * c, d]
     *refs,  # with K > 0: po_ref [R * h_kv * K * gp, d] f32 normalised partial outputs and
     #         plse_ref [R * h_kv * K * gp] f32 partial log-sum-exp; then the output:
-    #         out_ref [R * h, d] normalised output, q dtype
-
+    #         out_ref [R * T * h, d] normalised output, q dtype
     g: int,
+    T: int,
     h: int,
     h_kv: int,
     K: int,
@@ -242,34 +268,35 @@ def _sequence_first_kernel(
   r = pl.program_id(0)
   j = pl.program_id(1)
   d = q_ref.shape[-1]
-  gp = _common.partial_heads(g)
+  nq = T * g  # queries of this (row, KV head): (token, head in group), token-major
+  gp = _common.partial_heads(nq)
   live = r < num_rows_ref[0]
   length = jnp.where(live, row_private_len_ref[r] + length_delta_ref[0], 0)
   num_items = jnp.where(live, row_num_items_ref[r], 0)
-  kw = dict(h=h, h_kv=h_kv, c=c, block_n=block_n, sm_scale=sm_scale)
+  kw = dict(g=g, T=T, h=h, h_kv=h_kv, c=c, block_n=block_n, sm_scale=sm_scale)
 
-  # Private part as per-head running state (o unnormalised [rows, d], m [rows], l [rows]).
+  # Private part as per-query running state (o unnormalised [rows, d], m [rows], l [rows]).
   if cuda_core:
-    heads = _private_cuda_core(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, g=g, **kw)
-    rows = gp  # == g for g in (1, 2)
-    o, m, l = (_stack_heads([x[n] for x in heads]) for n in range(3))
+    per_query = _private_cuda_core(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, **kw)
+    rows = gp  # == nq for nq in (1, 2)
+    o, m, l = (_stack_heads([x[n] for x in per_query]) for n in range(3))
   else:
-    rows = max(16, gp)
-    o, m, l = _private_mma(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, g=g,
-                           rows=rows, precision=_common.dot_precision(q_ref.dtype), **kw)
+    rows = mma_rows(nq, q_ref.dtype)
+    o, m, l = _private_mma(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, rows=rows,
+                           precision=_common.dot_precision(q_ref.dtype), **kw)
 
   # Merge partial slots [0, num_items), `block_k` at a time; the addresses depend only on (r, j).
   # Like the private lanes above, each of the block's slot lanes keeps its own running max/sum,
   # so the loop is element-wise (no cross-warp reduction, no barrier) and lanes are merged once.
   block_k = max(1, min(K, MERGE_BLOCK_ELEMS // (rows * d)))
-  gi = jnp.arange(rows)
-  head_ok = gi < gp
+  qn = jnp.arange(rows)
+  query_ok = qn < gp
 
   def merge(n, carry):
     o_k, m_k, l_k = carry  # [block_k, rows, d], [block_k, rows], [block_k, rows]
     k = n * block_k + jnp.arange(block_k)  # [block_k]
-    ok = (k < num_items)[:, None] & head_ok[None, :]  # [block_k, rows]
-    idx = ((r * h_kv + j) * K + k[:, None]) * gp + gi[None, :]  # [block_k, rows]
+    ok = (k < num_items)[:, None] & query_ok[None, :]  # [block_k, rows]
+    idx = ((r * h_kv + j) * K + k[:, None]) * gp + qn[None, :]  # [block_k, rows]
     lse = plgpu.load(plse_ref.at[idx], mask=ok, other=NEG)
     op = plgpu.load(po_ref.at[idx[:, :, None], jnp.arange(d)[None, None, :]], mask=ok[:, :, None],
                     other=0.0)  # [block_k, rows, d]
@@ -288,8 +315,9 @@ def _sequence_first_kernel(
     o = alpha[:, None] * o + (beta[..., None] * o_k).sum(axis=0)
     l = alpha * l + (beta * l_k).sum(axis=0)
   out = jnp.where((l > 0.0)[:, None], o / jnp.where(l > 0.0, l, 1.0)[:, None], 0.0)
-  plgpu.store(out_ref.at[(r * h + j * g + gi)[:, None], jnp.arange(d)[None, :]],
-              out.astype(out_ref.dtype), mask=(gi < g)[:, None])
+  t, gi = _common.divmod_static(qn, g)
+  plgpu.store(out_ref.at[((r * T + t) * h + j * g + gi)[:, None], jnp.arange(d)[None, :]],
+              out.astype(out_ref.dtype), mask=(qn < nq)[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,27 +325,29 @@ def _sequence_first_kernel(
 # --------------------------------------------------------------------------------------------
 def _sequence_first_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
                          row_private_len, row_num_items, partials, *, config, sm_scale, interpret):
-  R, h, d = q.shape
+  R, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+  T = _common.tokens_per_row(q)
   n_chunks, h_kv, c, _ = k_pool.shape
   g = h // h_kv
   K = 0 if partials is None else partials[0].shape[2]
   partial_args = () if partials is None else (partials[0].reshape(-1, d), partials[1].reshape(-1))
-  cuda_core = (g <= CUDA_CORE_MAX_GROUP) if config.cuda_core is None else config.cuda_core
-  kernel = functools.partial(_sequence_first_kernel, g=g, h=h, h_kv=h_kv, K=K, c=c,
+  cuda_core = (T * g <= CUDA_CORE_MAX_GROUP) if config.cuda_core is None else config.cuda_core
+  kernel = functools.partial(_sequence_first_kernel, g=g, T=T, h=h, h_kv=h_kv, K=K, c=c,
                              block_n=min(config.block_n, c), cuda_core=cuda_core,
                              sm_scale=sm_scale)
   out = pl.pallas_call(
       kernel,
       grid=(R, h_kv),
-      out_shape=jax.ShapeDtypeStruct((R * h, d), q.dtype),
+      out_shape=jax.ShapeDtypeStruct((R * T * h, d), q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
-      name=f"sequence_first_g{g}_n{config.block_n}_{'cuda' if cuda_core else 'mma'}",
+      name=(f"sequence_first_g{g}{f'_t{T}' if T > 1 else ''}_n{config.block_n}"
+            f"_{'cuda' if cuda_core else 'mma'}"),
   )(num_rows.reshape(1), length_delta.reshape(1), row_private_chunks, row_private_len,
-    row_num_items, q.reshape(R * h, d), k_pool.reshape(n_chunks * h_kv * c, d),
+    row_num_items, q.reshape(R * T * h, d), k_pool.reshape(n_chunks * h_kv * c, d),
     v_pool.reshape(n_chunks * h_kv * c, d), *partial_args)
-  return out.reshape(R, h, d)
+  return out.reshape(q.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +369,8 @@ def _check_rows(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, r
     raise ValueError(f"partials must be (o [R, h_kv, K, gp, d], lse [R, h_kv, K, gp]): "
                      f"{tuple(x.shape for x in partials)=}")
   K = partials[0].shape[2]
-  _common.check_partials(partials, R, h_kv, K, _common.partial_heads(g), d)
+  nq = _common.tokens_per_row(q) * g
+  _common.check_partials(partials, R, h_kv, K, _common.partial_heads(nq), d)
   return R, h, h_kv, c, d, g
 
 
@@ -350,7 +381,8 @@ def sequence_first(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks
   """Private chunks of every row plus the merge of its chunk-first partials (Pallas, Triton).
 
   Args:
-    q: [R, h, d] queries.
+    q: [R, h, d] queries, or [R, T, h, d]: the row's last T tokens (all private), each attending
+      to the shared items, the private tokens before it and itself (causal inside the tail).
     k_pool, v_pool: [n_chunks, h_kv, c, d].
     num_rows: int32 [] live rows; rows >= num_rows get zeros.
     length_delta: int32 [] tokens appended to every live row since the plan was built.
@@ -364,20 +396,23 @@ def sequence_first(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks
     interpret: run the kernel in Pallas interpret mode (CPU).
 
   Returns:
-    [R, h, d] in q.dtype; zeros for spare rows and rows with neither private tokens nor items.
+    q's shape and dtype; zeros for spare rows and rows with neither private tokens nor items.
   """
   num_rows = jnp.asarray(num_rows, jnp.int32)
   length_delta = jnp.asarray(length_delta, jnp.int32)
   R, h, h_kv, c, d, g = _check_rows(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
                                     row_private_len, row_num_items, partials, pallas=True)
-  config = SequenceFirstConfig.default(d=d, c=c, g=g, dtype=q.dtype) if config is None else config
+  T = _common.tokens_per_row(q)
+  if config is None:
+    config = SequenceFirstConfig.default(d=d, c=c, g=g, dtype=q.dtype, tokens_per_row=T)
   if c % config.block_n and config.block_n < c:
     raise ValueError(f"block_n must divide the chunk size: {config.block_n=} {c=}")
   sm_scale = d ** -0.5 if sm_scale is None else sm_scale
   if partials is not None:
     partials = tuple(partials)
-  if config.cuda_core and g > CUDA_CORE_MAX_GROUP:
-    raise ValueError(f"cuda_core supports groups up to {CUDA_CORE_MAX_GROUP}: {g=}")
+  if config.cuda_core and T * g > CUDA_CORE_MAX_GROUP:
+    raise ValueError(f"cuda_core supports up to {CUDA_CORE_MAX_GROUP} queries per (row, KV head) "
+                     f"(tokens per row x group): {T=} {g=}")
   return _sequence_first_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
                               row_private_len, row_num_items, partials, config=config,
                               sm_scale=float(sm_scale), interpret=interpret)
@@ -400,16 +435,19 @@ def sequence_first_reference(q, k_pool, v_pool, num_rows, length_delta, row_priv
   live = jnp.arange(R) < num_rows
   length = jnp.where(live, row_private_len + length_delta, 0)
   num_items = jnp.where(live, row_num_items, 0)
-  # Private part.
+  T = _common.tokens_per_row(q)
+  nq = T * g  # queries of one (row, KV head): (token, head in group), token-major
+  # Private part; token t of the row's T new ones sees private positions < length - (T - 1 - t).
   kc = k_pool[row_private_chunks]  # [R, P, h_kv, c, d]
   vc = v_pool[row_private_chunks]
-  qr = q.reshape(R, h_kv, g, d)
+  qr = q.reshape(R, T, h_kv, g, d).transpose(0, 2, 1, 3, 4).reshape(R, h_kv, nq, d)
   s = jnp.einsum("rjgd,rpjtd->rjgpt", qr, kc, preferred_element_type=jnp.float32,
                  precision=lax.Precision.HIGHEST) * sm_scale
   tok = jnp.arange(P)[:, None] * c + jnp.arange(c)[None, :]  # [P, c]
-  vmask = (tok[None] < length[:, None, None])[:, None, None]  # [R, 1, 1, P, c]
+  limit = length[:, None] - (T - 1 - jnp.arange(nq) // g)[None, :]  # [R, nq]
+  vmask = (tok[None, None] < limit[:, :, None, None])[:, None]  # [R, 1, nq, P, c]
   s = jnp.where(vmask, s, NEG)
-  m = s.max(axis=(-1, -2))  # [R, h_kv, g]
+  m = s.max(axis=(-1, -2))  # [R, h_kv, nq]
   p = jnp.where(vmask, jnp.exp(s - m[..., None, None]), 0.0)
   l = p.sum(axis=(-1, -2))
   o = jnp.einsum("rjgpt,rpjtd->rjgd", p.astype(vc.dtype), vc,
@@ -418,13 +456,14 @@ def sequence_first_reference(q, k_pool, v_pool, num_rows, length_delta, row_priv
   po, plse = partials
   K = po.shape[2]
   ok = (jnp.arange(K)[None, :] < num_items[:, None])[:, None, :, None]  # [R, 1, K, 1]
-  lse = jnp.where(ok, plse[..., :g], NEG)  # [R, h_kv, K, g]
-  op = jnp.where(ok[..., None], po[..., :g, :], 0.0)  # [R, h_kv, K, g, d]
-  m_all = jnp.maximum(m, lse.max(axis=2))  # [R, h_kv, g]
+  lse = jnp.where(ok, plse[..., :nq], NEG)  # [R, h_kv, K, nq]
+  op = jnp.where(ok[..., None], po[..., :nq, :], 0.0)  # [R, h_kv, K, nq, d]
+  m_all = jnp.maximum(m, lse.max(axis=2))  # [R, h_kv, nq]
   a = jnp.exp(m - m_all)
-  w = jnp.where(ok, jnp.exp(lse - m_all[:, :, None]), 0.0)  # [R, h_kv, K, g]
+  w = jnp.where(ok, jnp.exp(lse - m_all[:, :, None]), 0.0)  # [R, h_kv, K, nq]
   o_all = a[..., None] * o + (w[..., None] * op).sum(axis=2)
   l_all = a * l + w.sum(axis=2)
   out = jnp.where((l_all > 0.0)[..., None], o_all / jnp.where(l_all > 0.0, l_all, 1.0)[..., None],
-                  0.0)
-  return out.reshape(R, h, d).astype(q.dtype)
+                  0.0)  # [R, h_kv, nq, d]
+  out = out.reshape(R, h_kv, T, g, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(q.shape).astype(q.dtype)

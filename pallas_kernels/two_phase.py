@@ -29,6 +29,8 @@ from pallas_kernels.sequence_first import (SequenceFirstConfig, sequence_first,
                                            sequence_first_reference)
 
 IMPLS = ("pallas", "pallas_interpret", "xla", "reference")
+# T * g: rows carrying T new tokens, g query heads per KV head (the sm_90a compile sweep covers it).
+MAX_QUERIES_PER_KV_HEAD = 64
 
 
 class InvalidPlanError(ValueError):
@@ -37,12 +39,15 @@ class InvalidPlanError(ValueError):
 
 def _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items, row_num_items,
                item_chunks, item_num_chunks, sm_scale):
-  R, h, d = q.shape
+  R, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+  T = _common.tokens_per_row(q)
   _, h_kv, c, _ = k_pool.shape
   g = h // h_kv
   P = row_private_chunks.shape[1]
-  priv_tok = (jnp.arange(P)[:, None] * c + jnp.arange(c)[None, :])[None] < private_len[:, None, None]
-  slots, tok_ok = row_private_chunks, priv_tok.reshape(R, P * c)
+  # [R, T, P * c]: token t of the row's T new ones sees private positions < length - (T - 1 - t).
+  limit = private_len[:, None] - (T - 1 - jnp.arange(T))[None, :]  # [R, T]
+  tok_ok = jnp.arange(P * c)[None, None, :] < limit[:, :, None]
+  slots = row_private_chunks
   if item_chunks.shape[0]:
     K = row_items.shape[1]
     G = item_chunks.shape[1]
@@ -50,22 +55,24 @@ def _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items, ro
     shared = item_chunks[row_items].reshape(R, K * G)
     shared_ok = ((jnp.arange(K)[None, :, None] < row_num_items[:, None, None])
                  & (jnp.arange(G)[None, None, :] < item_num_chunks[row_items][:, :, None]))
-    shared_tok = jnp.broadcast_to(shared_ok.reshape(R, K * G, 1), (R, K * G, c))
+    shared_tok = jnp.broadcast_to(shared_ok.reshape(R, 1, K * G, 1), (R, T, K * G, c))
     slots = jnp.concatenate([shared, slots], axis=1)  # [R, K*G + P]
-    tok_ok = jnp.concatenate([shared_tok.reshape(R, -1), tok_ok], axis=1)  # [R, n]
+    tok_ok = jnp.concatenate([shared_tok.reshape(R, T, -1), tok_ok], axis=2)  # [R, T, n]
   kk = k_pool[slots].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(R, h_kv, -1, d)
   vv = v_pool[slots].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(R, h_kv, -1, d)
-  qq = q.astype(jnp.float32).reshape(R, h_kv, g, d)
+  qq = q.astype(jnp.float32).reshape(R, T, h_kv, g, d).transpose(0, 2, 1, 3, 4)
+  qq = qq.reshape(R, h_kv, T * g, d)
   s = jnp.einsum("rjgd,rjnd->rjgn", qq, kk, precision=lax.Precision.HIGHEST) * sm_scale
-  ok = tok_ok[:, None, None, :]
+  ok = jnp.repeat(tok_ok, g, axis=1)[:, None]  # [R, 1, T * g, n]
   s = jnp.where(ok, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.where(ok, jnp.exp(s - m), 0.0)
   l = p.sum(-1, keepdims=True)
   o = jnp.einsum("rjgn,rjnd->rjgd", p, vv, precision=lax.Precision.HIGHEST)
-  out = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
-  return out.reshape(R, h, d).astype(q.dtype)
+  out = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)  # [R, h_kv, T * g, d]
+  out = out.reshape(R, h_kv, T, g, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(q.shape).astype(q.dtype)
 
 
 @functools.partial(
@@ -81,7 +88,10 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
   """Decode attention of one query per row over a paged chunk pool, by two-phase partition.
 
   Args:
-    q: [R, h, d] one query per row (rows >= num_rows are spare), float16/bfloat16/float32.
+    q: [R, h, d] one query per row (rows >= num_rows are spare), float16/bfloat16/float32; or
+      [R, T, h, d]: T new tokens per row (speculative verification, a short chunked prefill),
+      the last T of the row's private tokens (the plan's lengths include them), each attending
+      to the row's shared items, its private tokens before it and itself.
     k_pool, v_pool: [n_chunks, h_kv, c, d], same dtype as q; h % h_kv == 0.
     num_rows: int32 [] live rows b.
     row_private_chunks: int32 [R, P]; row_private_len: int32 [R] (at plan build time).
@@ -98,12 +108,17 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
       them with NaN to show that unwritten entries are never read).
 
   Returns:
-    [R, h, d] in q.dtype; spare rows are zeros.
+    q's shape and dtype; spare rows are zeros.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}: {impl=}")
   pallas = impl.startswith("pallas")
   R, h, h_kv, c, d = _common.check_qkv(q, k_pool, v_pool, pallas=pallas)
+  T = _common.tokens_per_row(q)
+  if pallas and T * (h // h_kv) > MAX_QUERIES_PER_KV_HEAD:
+    raise ValueError(f"the Pallas kernels take at most {MAX_QUERIES_PER_KV_HEAD} queries per (row, "
+                     f"KV head) = tokens per row x group size: {q.shape=} {k_pool.shape=}; "
+                     f"use impl='xla' or fewer tokens per row")
   num_rows = jnp.asarray(num_rows, jnp.int32)
   length_delta = jnp.asarray(length_delta, jnp.int32)
   for name, x in (("num_rows", num_rows), ("length_delta", length_delta)):
@@ -129,7 +144,7 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
       partials = chunk_first_reference(q, k_pool, v_pool, *item_args, partials, items_per_row=K,
                                        sm_scale=sm_scale, item_rows_capacity=item_rows_capacity)
     else:
-      partials = _no_partials(R, h_kv, h // h_kv, d)
+      partials = _no_partials(R, h_kv, _common.tokens_per_row(q) * (h // h_kv), d)
       row_num_items = jnp.zeros_like(row_num_items)
     return sequence_first_reference(q, k_pool, v_pool, *row_args, row_num_items, partials,
                                      sm_scale=sm_scale)
@@ -144,18 +159,19 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
                         config=sequence_first_config, interpret=interpret)
 
 
-def _no_partials(R, h_kv, g, d):
-  gp = _common.partial_heads(g)
+def _no_partials(R, h_kv, nq, d):
+  gp = _common.partial_heads(nq)
   return (jnp.zeros((R, h_kv, 1, gp, d), jnp.float32), jnp.zeros((R, h_kv, 1, gp), jnp.float32))
 
 
 def validate_plan_arrays(*, num_rows, row_private_chunks, row_private_len, row_items,
                          row_num_items, item_chunks, item_num_chunks, item_row_begin,
                          item_row_end, item_slot, n_chunks, chunk_size, length_delta=0,
-                         item_rows_capacity=None) -> None:
+                         item_rows_capacity=None, tokens_per_row=1) -> None:
   """Eager value checks of a plan (vectorised NumPy). Raises `InvalidPlanError` naming the problem.
 
-  Checks: every slot inside the pool; live rows' private lengths in [0, P * c]; items' chunk
+  Checks: every slot inside the pool; live rows' private lengths in [T, P * c] (T = tokens per
+  row: the new tokens are private; 0 allowed when T = 1); items' chunk
   counts in [0, G] and row ranges inside the live rows; every (row, slot k < row_num_items) lists a
   live item that covers the row and sits at slot k (so no item is listed twice and no two items
   share a partial slot of a row); every row a live item covers lists it.
@@ -176,9 +192,12 @@ def validate_plan_arrays(*, num_rows, row_private_chunks, row_private_len, row_i
       bad = x[(x < 0) | (x >= n_chunks)][0]
       raise InvalidPlanError(f"{name} holds pool slot {bad} outside [0, {n_chunks})")
   plen = a["row_private_len"][:b].astype(np.int64) + int(length_delta)
-  if (plen < 0).any() or (plen > P * chunk_size).any():
-    r = int(np.flatnonzero((plen < 0) | (plen > P * chunk_size))[0])
-    raise InvalidPlanError(f"row {r}: private length {plen[r]} outside [0, P*c = {P * chunk_size}]")
+  lo = 0 if tokens_per_row == 1 else tokens_per_row
+  if (plen < lo).any() or (plen > P * chunk_size).any():
+    r = int(np.flatnonzero((plen < lo) | (plen > P * chunk_size))[0])
+    raise InvalidPlanError(f"row {r}: private length {plen[r]} outside [{lo}, P*c = "
+                           f"{P * chunk_size}]" + (f" (its {tokens_per_row} new tokens must be "
+                                                    "private)" if lo else ""))
   n = a["item_num_chunks"]
   if (n < 0).any() or (n > G).any():
     raise InvalidPlanError(f"item_num_chunks outside [0, G = {G}]: {n[(n < 0) | (n > G)][:4]}")

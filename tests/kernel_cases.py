@@ -100,6 +100,25 @@ def dense_rows(case, sm_scale=None):
   return np.stack(out), b
 
 
+def dense_rows_multi(case, q):
+  """Like `dense_rows` for q [R, T, h, d]: the row's last T tokens are its new ones; token t sees
+  every token of the sequence up to and including itself. Returns ([b, T, h, d] fp64, b)."""
+  q = np.asarray(q.astype(jnp.float32))
+  kp = np.asarray(case.k_pool.astype(jnp.float32))
+  vp = np.asarray(case.v_pool.astype(jnp.float32))
+  b = int(case.plan.num_rows)
+  T = q.shape[1]
+  out = np.zeros((b,) + q.shape[1:])
+  for r in range(b):
+    seq = int(case.plan.row_seq_ids[r])
+    n = case.tree.length(seq)
+    k, v = sequence_kv(kp, vp, case.tree.chunk_path(seq), n)
+    for t in range(T):
+      upto = n - (T - 1 - t)
+      out[r, t] = dense_attention(q[r, t], k[:upto], v[:upto])
+  return out, b
+
+
 def check_against_dense(case, out, dtype):
   want, b = dense_rows(case)
   out = np.asarray(out.astype(jnp.float32))
@@ -108,8 +127,9 @@ def check_against_dense(case, out, dtype):
   np.testing.assert_array_equal(out[b:], 0.0)  # spare rows: zeros
 
 
-def poisoned_partials(case):
-  """NaN-filled partial buffers for the case's plan: entries no live item writes stay NaN."""
+def poisoned_partials(case, T=1):
+  """NaN-filled partial buffers for the case's plan (T new tokens per row): entries no live item
+  writes stay NaN."""
   R, h, d = case.q.shape
   h_kv = case.k_pool.shape[1]
-  return empty_partials(R, h_kv, h // h_kv, d, case.plan.items_per_row, fill=jnp.nan)
+  return empty_partials(R, h_kv, h // h_kv, d, case.plan.items_per_row, fill=jnp.nan, T=T)

@@ -39,6 +39,11 @@ SMEM_SPEC = dict(builder="pallas_kernels.deviceless:decode_call", kwargs=dict(
     chunk_first_config=dict(block_m=64, block_n=64, num_warps=4, num_stages=4)))
 NO_ITEMS_SPEC = dict(builder="pallas_kernels.deviceless:decode_call",
                      kwargs=dict(d=128, c=64, dtype="float16", g=4, items=0))
+# Rows carrying T > 1 new tokens (speculative verification, short chunked prefills).
+MULTI_TOKEN_SPECS = [dict(builder="pallas_kernels.deviceless:decode_call",
+                          kwargs=dict(d=128, c=64, dtype=dtype, g=g, tokens_per_row=T))
+                     for dtype in ("bfloat16", "float32")
+                     for g, T in ((1, 2), (1, 8), (4, 2), (4, 8), (8, 8))]  # T * g <= 64
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +54,19 @@ def sweep():
     if REQUIRE:
       pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
     pytest.skip(str(e))
-  specs = kernel_resources.specs(kernel_resources_config.get_config())
+  base = kernel_resources.specs(kernel_resources_config.get_config())
+  specs = base + MULTI_TOKEN_SPECS
   reports = deviceless.compile_specs(specs + [SPILL_SPEC, SMEM_SPEC, NO_ITEMS_SPEC])
   errors = [(spec["kwargs"], rep.error) for spec, rep in zip(specs, reports) if rep.error]
   assert not errors, errors  # every supported configuration compiles
-  rows = [row for spec, rep in zip(specs, reports) for row in kernel_resources.rows_of(spec, rep)]
+  rows = [dict(row, tokens_per_row=spec["kwargs"].get("tokens_per_row", 1))
+          for spec, rep in zip(specs, reports) for row in kernel_resources.rows_of(spec, rep)]
   return specs, reports[:len(specs)], rows, reports[-3:-1], reports[-1]
 
 
 def test_every_configuration_compiles_without_spills_within_shared_memory(sweep):
   specs, _, rows, _, _ = sweep
-  assert len(specs) == 3 * 4 * 3 * 4 and len(rows) == 2 * len(specs)
+  assert len(specs) == 3 * 4 * 3 * 4 + len(MULTI_TOKEN_SPECS) and len(rows) == 2 * len(specs)
   for r in rows:
     assert r["registers"] > 0, r  # ptxas ran on the kernel's PTX
     assert r["spill_bytes"] == 0, r

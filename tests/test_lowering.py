@@ -78,6 +78,15 @@ def test_plan_without_items_is_one_kernel():
   assert text.count("__gpu$xla.gpu.triton") == 1
 
 
+@pytest.mark.parametrize("g,T", [(1, 2), (4, 8), (8, 4)])
+def test_multi_token_rows_lower(g, T):
+  h, h_kv = GQA[g]
+  text = lower_for_cuda(functools.partial(two_phase_decode, impl="pallas"),
+                        S((R, T, h, 128), jnp.bfloat16), S((N_CHUNKS, h_kv, 64, 128), jnp.bfloat16),
+                        S((N_CHUNKS, h_kv, 64, 128), jnp.bfloat16), **plan_specs())
+  assert text.count("__gpu$xla.gpu.triton") == 2
+
+
 def test_large_batch_lowers():
   """b = 512 rows (beyond the paper's fixed batch list), items of up to 512 rows."""
   r = 512

@@ -13,8 +13,8 @@ from chunkattn_jax.plan import build_plan
 from chunkattn_jax.prefix_tree import PrefixTree
 from chunkattn_jax.sharing_policy import CostModelPolicy
 from dense_oracle import dense_attention, sequence_kv
-from kernel_cases import (TOL, check_against_dense, dense_rows, make_case, poisoned_partials,
-                          split)
+from kernel_cases import (TOL, check_against_dense, dense_rows, dense_rows_multi, make_case,
+                          poisoned_partials, split)
 from pallas_kernels import InvalidPlanError, two_phase_decode, validate_plan_arrays
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -188,3 +188,41 @@ def test_large_batch_multilevel(rng):
     sid = int(plan.row_seq_ids[r])
     k, v = sequence_kv(kp, vp, tree.chunk_path(sid), tree.length(sid))
     np.testing.assert_allclose(out[r], dense_attention(np.asarray(q[r]), k, v), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("g,T,dtype,impl", [
+    (1, 2, jnp.float32, "pallas_interpret"), (1, 4, jnp.float16, "pallas_interpret"),
+    (2, 3, jnp.float32, "pallas_interpret"), (4, 2, jnp.bfloat16, "pallas_interpret"),
+    (8, 4, jnp.float32, "pallas_interpret"), (4, 3, jnp.float32, "xla"),
+    (1, 5, jnp.float32, "reference")])
+def test_multi_token_rows_match_causal_dense(rng, g, T, dtype, impl):
+  """T new tokens per row (appended to the tree, so the plan's lengths include them): token t of a
+  row attends to the shared prefix, the private tokens before it and itself."""
+  case = make_case(rng, g=g, dtype=dtype, seed=60 + g + T, append=T, plan_kwargs_=split(6))
+  R, h, d = case.q.shape
+  q = jnp.asarray(rng.normal(size=(R, T, h, d)), dtype).at[int(case.plan.num_rows):].set(jnp.nan)
+  kw = dict(partials=poisoned_partials(case, T)) if impl == "pallas_interpret" else {}
+  out = two_phase_decode(q, case.k_pool, case.v_pool, **plan_kwargs(case.plan), impl=impl, **kw)
+  assert out.shape == q.shape and out.dtype == dtype
+  want, b = dense_rows_multi(case, q)
+  got = np.asarray(out.astype(jnp.float32))
+  assert not np.isnan(got[:b]).any() and (got[b:] == 0).all()
+  np.testing.assert_allclose(got[:b], want, atol=TOL[dtype], rtol=0)
+
+
+def test_multi_token_rows_beyond_the_kernels_are_refused(rng):
+  case = make_case(rng, g=8, seed=71, append=9)
+  R, h, d = case.q.shape
+  q = jnp.zeros((R, 9, h, d), jnp.float32)  # 9 tokens x 8 heads = 72 queries per KV head
+  with pytest.raises(ValueError, match="at most 64 queries"):
+    decode_attention(q, case.k_pool, case.v_pool, case.plan, impl="pallas_interpret")
+
+
+def test_multi_token_rows_need_private_new_tokens(rng):
+  """With T new tokens per row, every live row must have at least T private tokens (the new ones
+  are never shared): a plan that does not is refused by name."""
+  case = make_case(rng, g=1, seed=70)  # two rows end exactly at a shared chunk: 0 private
+  R, h, d = case.q.shape
+  q = jnp.zeros((R, 2, h, d), jnp.float32)
+  with pytest.raises(InvalidPlanError, match="new tokens must be private"):
+    decode_attention(q, case.k_pool, case.v_pool, case.plan, impl="xla")
