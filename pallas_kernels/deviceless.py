@@ -278,7 +278,7 @@ def _start_worker(specs: list[dict], tmp: str) -> subprocess.Popen:
   os.makedirs(wrapper_dir)
   # XLA runs the first `ptxas` on PATH; this one keeps a copy of the PTX it is given.
   with open(os.path.join(wrapper_dir, "ptxas"), "w") as f:
-    f.write(f'#!/bin/sh\ncp "$1" "$PTX_DUMP_DIR/$(basename "$1").ptx"\n'
+    f.write(f'#!/bin/sh\n[ -f "$1" ] && cp "$1" "$PTX_DUMP_DIR/$(basename "$1").ptx"\n'
             f'exec "{find_ptxas()}" "$@"\n')
   os.chmod(os.path.join(wrapper_dir, "ptxas"), 0o755)
   env = dict(os.environ)

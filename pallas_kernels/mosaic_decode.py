@@ -1,0 +1,567 @@
+"""Two-phase decode attention in Pallas Mosaic GPU (Hopper): TMA paged gathers, mbarrier rings,
+a producer and a consumer warpgroup, wgmma.
+
+The same two phases and the same partial layout as the Triton kernels (`chunk_first.py`,
+`sequence_first.py`; docs/kernels.md), written for Hopper's own machinery:
+
+* **Phase 1, shared items** (`mosaic_chunk_first`): one program per (item, KV head, block of
+  ``rows_per_block`` rows). Its ``BLOCK_M = 64`` query rows are the item's rows times the GQA group,
+  ordered (head in group, row) so that each head's rows are one strided TMA box of ``q``; they are
+  one wgmma M block against every K/V tile of the item.
+* **Phase 2, rows** (`mosaic_sequence_first`): one program per (row, KV head). It attends the row's
+  ``g`` queries to the row's private chunks, merges the row's partial slots, and writes the output.
+
+Both phases share one pipeline (`_attend`): a *producer* warpgroup reads each tile's pool slots
+(plan arrays in GMEM) and issues TMA copies of whole chunks, ``pool.at[slot, j]``, into a ring of
+``num_stages`` K/V buffers, each guarded by a "loaded" mbarrier (transaction count) and a
+"consumed" mbarrier; the *consumer* warpgroup waits on "loaded", computes ``S = q K^T`` (wgmma into
+a scoped accumulator), an online softmax in registers, writes ``P`` to shared memory, computes
+``P V`` (wgmma), and arrives on "consumed". Tiles hold ``block_n`` tokens: several chunks when
+``c < block_n`` (the slots past the last chunk repeat it and are masked), a slice of one otherwise.
+
+Conventions (the contract of `two_phase.two_phase_decode`): 16-bit inputs (fp32 would run the
+products at TF32 on tensor cores), ``g = h // h_kv <= 8``, ``d in {64, 128, 256}``,
+``c in {16, 32, 64, 128}``. Partials are fp32 ``o [R, h_kv, K, gp, d]`` (normalised) and
+``lse [R, h_kv, K, gp]`` (natural log), written at the item's slot of each row it covers; entries
+no item covers are never written or read. Rows ``>= num_rows`` get zeros.
+
+The kernels run on the CPU in Mosaic GPU's interpreter (``interpret=True``:
+`plgpu.InterpretGPUParams`, race detection on by default), which simulates TMA, mbarriers, both
+warpgroups and wgmma.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _common
+from pallas_kernels._common import NEG
+from pallas_kernels.chunk_first import chunk_first_reference
+from pallas_kernels.sequence_first import sequence_first_reference
+
+BLOCK_M = 64  # query rows per program: one warpgroup wgmma M block
+MAX_GROUP = 8  # largest GQA group: phase 1 needs >= 8 rows per head in a 64-row block
+HEAD_ROWS = 8  # query rows phase 2 loads per (row, KV head): the group, padded to a TMA tile
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Tuning knobs of both Mosaic kernels (static; hashable).
+
+  Attributes:
+    block_n: tokens per K/V tile (wgmma N of ``q K^T``, K of ``P V``): 16, 32, 64 or 128.
+    num_stages: K/V tiles in the shared-memory ring (TMA copies in flight ahead of the consumer).
+    merge_stages: partial slots in flight while phase 2 merges (a ring of [8, d] fp32 buffers).
+  """
+
+  block_n: int = 64
+  num_stages: int = 2
+  merge_stages: int = 2
+
+  def __post_init__(self):
+    if self.block_n not in (16, 32, 64, 128):
+      raise ValueError(f"block_n must be 16, 32, 64 or 128: {self.block_n=}")
+    if isinstance(self.num_stages, bool) or self.num_stages not in range(2, 9):
+      raise ValueError(f"num_stages must be in [2, 8]: {self.num_stages=}")
+    if isinstance(self.merge_stages, bool) or self.merge_stages not in range(1, 9):
+      raise ValueError(f"merge_stages must be in [1, 8]: {self.merge_stages=}")
+
+  @classmethod
+  def default(cls, *, d: int, c: int) -> "MosaicConfig":
+    """Heuristic: 64-token tiles (32 at d = 256) in a ring of ~64 KB, so that with q, P and the
+    epilogue buffers two programs fit one SM's shared memory at d <= 128."""
+    del c
+    block_n = 64 if d <= 128 else 32
+    stage_bytes = 2 * block_n * d * 2
+    return cls(block_n=block_n, num_stages=max(2, min(4, (64 * 1024) // stage_bytes)),
+               merge_stages=2)
+
+
+def rows_per_block(g: int) -> int:
+  """Rows of an item one phase-1 program covers: each head's rows are a multiple of 8 (a TMA
+  tile of the swizzled q buffer) and ``g * rows <= 64``."""
+  return HEAD_ROWS * (MAX_GROUP // g)
+
+
+def _swizzled(dtype, minor: int):
+  """Tiling and swizzle of a 16-bit shared-memory operand whose minor dimension is `minor`."""
+  swizzle = min(128, minor * jnp.dtype(dtype).itemsize)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Kernel bodies.
+# --------------------------------------------------------------------------------------------
+def _produce(*, k_ref, v_ref, j, slot_of, num_chunks, num_tiles, bufs, c: int, block_n: int,
+             num_stages: int):
+  """Producer warpgroup: reads each tile's pool slots and issues its TMA copies into the ring.
+
+  slot_of(n): pool slot of the program's chunk n < num_chunks (a GMEM read; its latency stalls
+  only this warpgroup). A stage is refilled once the consumer arrived on its "consumed" barrier.
+  """
+  k_smem, v_smem, _, loaded, consumed = bufs
+  chunks_per_tile = max(1, block_n // c)
+  tiles_per_chunk = max(1, c // block_n)
+  rows = min(block_n, c)  # tokens of one TMA copy
+
+  @pl.loop(0, num_tiles)
+  def _issue(n):
+    s = lax.rem(n, num_stages)
+
+    @pl.when(n >= num_stages)
+    def _():
+      plgpu.barrier_wait(consumed.at[s])
+
+    for u in range(chunks_per_tile):
+      if tiles_per_chunk == 1:
+        chunk = jnp.minimum(n * chunks_per_tile + u, num_chunks - 1)  # repeats are masked
+        src = pl.ds(0, rows)
+      else:
+        chunk = lax.div(n, tiles_per_chunk)
+        src = pl.ds(lax.rem(n, tiles_per_chunk) * rows, rows)
+      slot = slot_of(chunk)
+      dst = pl.ds(u * rows, rows)
+      plgpu.copy_gmem_to_smem(k_ref.at[slot, j, src], k_smem.at[s, dst], loaded.at[s])
+      plgpu.copy_gmem_to_smem(v_ref.at[slot, j, src], v_smem.at[s, dst], loaded.at[s])
+
+  # Observe the last consumption of every stage, so that every barrier phase is observed by
+  # each warpgroup that waits on the barrier (all barriers are quiescent when the program ends).
+  @pl.loop(jnp.maximum(num_tiles - num_stages, 0), num_tiles)
+  def _drain(n):
+    plgpu.barrier_wait(consumed.at[lax.rem(n, num_stages)])
+
+
+def _consume(*, q_smem, num_tokens, num_tiles, bufs, block_n: int, num_stages: int,
+             sm_scale: float, zero_tail: bool):
+  """Consumer warpgroup: online softmax of the 64 query rows in `q_smem` over the ring's tiles.
+
+  Tokens from `num_tokens` on are masked; with `zero_tail`, V rows past it are zeroed in shared
+  memory before P V (the pool holds anything there, and 0 * NaN is NaN).
+
+  Returns (o [64, d] unnormalised, m [64] running max in the log2 domain, l [64] running sum).
+  """
+  k_smem, v_smem, p_smem, loaded, consumed = bufs
+  d = k_smem.shape[-1]
+  dtype = k_smem.dtype
+  scale = sm_scale * LOG2E  # scores in the log2 domain: exp2 is one instruction
+
+  def body(n, carry):
+    o, m, l = carry
+    s = lax.rem(n, num_stages)
+    left = num_tokens - n * block_n  # valid tokens from this tile on
+    plgpu.barrier_wait(loaded.at[s])
+
+    def qk(acc):
+      plgpu.wgmma(acc, q_smem, k_smem.at[s].T)
+      return acc[...]
+
+    scores = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
+    tok = lax.broadcasted_iota(jnp.int32, (BLOCK_M, block_n), 1)
+    scores = jnp.where(tok < left, scores * scale, NEG)
+    m_new = jnp.maximum(m, scores.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    if zero_tail:
+      @pl.when(left < block_n)
+      def _():
+        vt = v_smem.at[s]
+        row = lax.broadcasted_iota(jnp.int32, (block_n, d), 0)
+        vt[...] = jnp.where(row < left, vt[...], jnp.zeros((block_n, d), dtype))
+    p_smem[...] = p.astype(dtype)
+    plgpu.commit_smem()  # P (and a zeroed tail) visible to the tensor cores
+
+    def pv(acc):
+      plgpu.wgmma(acc, p_smem, v_smem.at[s])
+      return acc[...]
+
+    pv_out = pl.run_scoped(pv, plgpu.ACC((BLOCK_M, d), jnp.float32))
+    plgpu.barrier_arrive(consumed.at[s])
+    return o * lax.broadcast_in_dim(alpha, o.shape, [0]) + pv_out, m_new, l
+
+  init = (jnp.zeros((BLOCK_M, d), jnp.float32), jnp.full((BLOCK_M,), NEG, jnp.float32),
+          jnp.zeros((BLOCK_M,), jnp.float32))
+  return lax.fori_loop(0, num_tiles, body, init)
+
+
+def _ring_types(dtype, d, block_n, num_stages, c):
+  """Shared memory of the K/V pipeline: K ring, V ring, P, "loaded" and "consumed" barriers."""
+  copies = 2 * max(1, block_n // c)  # K and V copies arriving on one stage's barrier
+  return (plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
+          plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
+          plgpu.SMEM((BLOCK_M, block_n), dtype, transforms=_swizzled(dtype, block_n)),
+          plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+          plgpu.Barrier(num_arrivals=1, num_barriers=num_stages))
+
+
+def _items_kernel(
+    # inputs (GMEM)
+    item_chunks_ref,  # [I, G] int32 pool slots
+    item_num_chunks_ref,  # [I] int32, 0 = spare item
+    item_row_begin_ref,  # [I] int32
+    item_row_end_ref,  # [I] int32
+    item_slot_ref,  # [I] int32 the item's partial slot k in its rows
+    q_ref,  # [R, h_kv, g, d] queries, natural layout
+    k_ref,  # [n_chunks, h_kv, c, d]
+    v_ref,  # [n_chunks, h_kv, c, d]
+    # outputs (GMEM)
+    po_ref,  # [R, h_kv, K, gp, d] f32 normalised partial outputs
+    plse_ref,  # [R, h_kv, K, gp] f32 partial log-sum-exp (natural log)
+    *,
+    c: int,
+    block_n: int,
+    num_stages: int,
+    sm_scale: float,
+):
+  i = lax.axis_index("item")
+  j = lax.axis_index("head")
+  t = lax.axis_index("block")
+  wg = lax.axis_index("wg")
+  _, _, g, d = q_ref.shape
+  nr = rows_per_block(g)
+  dtype = q_ref.dtype
+  num_chunks = item_num_chunks_ref[i]
+  row0 = item_row_begin_ref[i] + t * nr
+  n_valid = jnp.clip(item_row_end_ref[i] - row0, 0, nr)  # rows of this block inside the item
+  num_tiles = pl.cdiv(num_chunks * c, block_n)
+
+  def scoped(q_smem, q_ready, o_smem, lse_smem, *bufs):
+    @pl.when(wg == 1)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      _produce(k_ref=k_ref, v_ref=v_ref, j=j, slot_of=lambda n: item_chunks_ref[i, n],
+               num_chunks=num_chunks, num_tiles=num_tiles, bufs=bufs, c=c, block_n=block_n,
+               num_stages=num_stages)
+
+    @pl.when(wg == 0)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      for gi in range(g):  # head gi's rows: one strided TMA box, rows [gi * nr, (gi + 1) * nr)
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, nr), j, gi], q_smem.at[pl.ds(gi * nr, nr)],
+                                q_ready.at[0])
+      plgpu.barrier_wait(q_ready.at[0])
+      o, m, l = _consume(q_smem=q_smem, num_tokens=num_chunks * c, num_tiles=num_tiles,
+                         bufs=bufs, block_n=block_n, num_stages=num_stages, sm_scale=sm_scale,
+                         zero_tail=False)
+      # Covered rows saw >= 1 full chunk: l >= 1. Rows outside the item are never stored.
+      o_smem[...] = o / lax.broadcast_in_dim(l, o.shape, [0])
+      lse_smem[...] = (m + jnp.log2(l)) * LN2
+      plgpu.commit_smem()
+      slot = item_slot_ref[i]
+      for gi in range(g):
+        # Rows [row0, row0 + n_valid) of head gi, as TMA boxes of power-of-two sizes.
+        done = jnp.int32(0)
+        size = nr
+        while size >= 1:
+          take = (n_valid & size) != 0
+
+          @pl.when(take)
+          def _(done=done, size=size, gi=gi):
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(gi * nr + done, size)],
+                                    po_ref.at[pl.ds(row0 + done, size), j, slot, gi])
+
+          done = done + jnp.where(take, size, 0)
+          size //= 2
+
+      @pl.loop(0, n_valid)
+      def _store_lse(r):  # 4 bytes per (row, head): below TMA's 16-byte granule
+        for gi in range(g):
+          plse_ref[row0 + r, j, slot, gi] = lse_smem[gi * nr + r]
+
+      plgpu.wait_smem_to_gmem(0)
+
+  @pl.when((num_chunks > 0) & (n_valid > 0))
+  def _():
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((BLOCK_M, d), dtype, transforms=_swizzled(dtype, d)),
+        plgpu.Barrier(num_arrivals=g, num_barriers=1),
+        plgpu.SMEM((BLOCK_M, d), jnp.float32),
+        plgpu.SMEM((BLOCK_M,), jnp.float32),
+        *_ring_types(dtype, d, block_n, num_stages, c),
+        collective_axes="wg")
+
+
+def _rows_kernel(
+    # inputs (GMEM)
+    num_rows_ref,  # [1] int32 live rows
+    length_delta_ref,  # [1] int32 tokens appended to every live row since the plan was built
+    row_private_chunks_ref,  # [R, P] int32 pool slots
+    row_private_len_ref,  # [R] int32 private tokens at plan build time
+    row_num_items_ref,  # [R] int32 partial slots in use
+    q_ref,  # [R * h, d] queries, natural layout flattened
+    k_ref,  # [n_chunks, h_kv, c, d]
+    v_ref,  # [n_chunks, h_kv, c, d]
+    *refs,  # with K > 0: po_ref [R, h_kv, K, gp, d] f32 and plse_ref [R, h_kv, K, gp] f32;
+    #         then the output out_ref [R * h, d], q dtype
+    g: int,
+    K: int,
+    c: int,
+    block_n: int,
+    num_stages: int,
+    merge_stages: int,
+    sm_scale: float,
+):
+  po_ref, plse_ref, out_ref = refs if K else (None, None, *refs)
+  r = lax.axis_index("row")
+  j = lax.axis_index("head")
+  wg = lax.axis_index("wg")
+  d = q_ref.shape[-1]
+  h = q_ref.shape[0] // row_private_len_ref.shape[0]
+  gp = _common.partial_heads(g)
+  dtype = q_ref.dtype
+  live = r < num_rows_ref[0]
+  length = jnp.where(live, row_private_len_ref[r] + length_delta_ref[0], 0)
+  num_items = jnp.where(live, row_num_items_ref[r], 0) if K else 0
+  num_chunks = pl.cdiv(length, c)
+  num_tiles = pl.cdiv(length, block_n)
+  head0 = r * h + j * g  # the group's first query row in q and the output
+
+  def scoped(q_smem, q_ready, o_smem, lse_smem, part_smem, part_ready, out_smem, *bufs):
+    @pl.when(wg == 1)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      _produce(k_ref=k_ref, v_ref=v_ref, j=j, slot_of=lambda n: row_private_chunks_ref[r, n],
+               num_chunks=num_chunks, num_tiles=num_tiles, bufs=bufs, c=c, block_n=block_n,
+               num_stages=num_stages)
+
+    @pl.when(wg == 0)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      # The group's g queries (+ 8 - g rows that are computed and never stored).
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(head0, HEAD_ROWS)],
+                              q_smem.at[pl.ds(0, HEAD_ROWS)], q_ready.at[0])
+
+      def fetch_partial(k, s):
+        plgpu.copy_gmem_to_smem(po_ref.at[r, j, k], part_smem.at[s, pl.ds(0, gp)],
+                                part_ready.at[s])
+
+      for s in range(merge_stages if K else 0):  # partial slots load during the private pass
+        pl.when(s < num_items)(functools.partial(fetch_partial, s, s))
+      plgpu.barrier_wait(q_ready.at[0])
+      o, m, l = _consume(q_smem=q_smem, num_tokens=length, num_tiles=num_tiles, bufs=bufs,
+                         block_n=block_n, num_stages=num_stages, sm_scale=sm_scale,
+                         zero_tail=True)
+      # The private part as one more partial: normalised output and log-sum-exp (NEG if empty).
+      has = l > 0.0
+      o_smem[...] = jnp.where(lax.broadcast_in_dim(has, o.shape, [0]),
+                              o / lax.broadcast_in_dim(jnp.where(has, l, 1.0), o.shape, [0]), 0.0)
+      lse_smem[...] = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * LN2, NEG)
+      head = lax.broadcasted_iota(jnp.int32, (HEAD_ROWS, d), 0)
+
+      def per_head(value_of):  # [8, d] array whose row gi < g is the scalar value_of(gi)
+        out = jnp.full((HEAD_ROWS, d), NEG, jnp.float32)
+        for gi in range(g):
+          out = jnp.where(head == gi, value_of(gi), out)
+        return out
+
+      # Merge state over rows 0..7 (rows >= g are never stored): running max of the partials'
+      # log-sum-exps, sum of exp(lse - max) * o and sum of exp(lse - max).
+      mx = per_head(lambda gi: lse_smem[gi])
+      num = o_smem[pl.ds(0, HEAD_ROWS), :]
+      den = jnp.ones((HEAD_ROWS, d), jnp.float32)
+      if K:
+        def merge(k, carry):
+          mx, num, den = carry
+          s = lax.rem(k, merge_stages)
+          lse = per_head(lambda gi: plse_ref[r, j, k, gi])
+          plgpu.barrier_wait(part_ready.at[s])
+          part = part_smem[s]
+          m_new = jnp.maximum(mx, lse)
+          alpha = jnp.exp(mx - m_new)
+          w = jnp.exp(lse - m_new)
+          plgpu.commit_smem()  # every thread has read stage s before it is refilled
+
+          @pl.when(k + merge_stages < num_items)
+          def _():
+            fetch_partial(k + merge_stages, s)
+
+          return m_new, alpha * num + w * part, alpha * den + w
+
+        mx, num, den = lax.fori_loop(0, num_items, merge, (mx, num, den))
+      out_smem[...] = (num / den).astype(dtype)  # den >= 1 where a partial exists; else num = 0
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, g)], out_ref.at[pl.ds(head0, g)])
+      plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((BLOCK_M, d), dtype, transforms=_swizzled(dtype, d)),
+      plgpu.Barrier(num_arrivals=1, num_barriers=1),
+      plgpu.SMEM((BLOCK_M, d), jnp.float32),
+      plgpu.SMEM((BLOCK_M,), jnp.float32),
+      plgpu.SMEM((merge_stages, HEAD_ROWS, d), jnp.float32),
+      plgpu.Barrier(num_arrivals=1, num_barriers=merge_stages),
+      plgpu.SMEM((HEAD_ROWS, d), dtype),
+      *_ring_types(dtype, d, block_n, num_stages, c),
+      collective_axes="wg")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. plgpu.kernel wrappers.
+# --------------------------------------------------------------------------------------------
+def _interpret_params(interpret):
+  if interpret is True:
+    return plgpu.InterpretGPUParams(detect_races=True)
+  return interpret or None
+
+
+def _items_call(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin, item_row_end,
+                item_slot, *, K, item_rows_capacity, config, sm_scale, interpret):
+  R, h, d = q.shape
+  _, h_kv, c, _ = k_pool.shape
+  g = h // h_kv
+  gp = _common.partial_heads(g)
+  blocks = pl.cdiv(item_rows_capacity, rows_per_block(g))
+  block_n = config.block_n
+  kernel = functools.partial(_items_kernel, c=c, block_n=block_n,
+                             num_stages=config.num_stages, sm_scale=sm_scale)
+  kernel.__name__ = f"mosaic_chunk_first_g{g}_n{block_n}"
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((R, h_kv, K, gp, d), jnp.float32),
+                jax.ShapeDtypeStruct((R, h_kv, K, gp), jnp.float32)),
+      grid=(item_chunks.shape[0], h_kv, blocks),
+      grid_names=("item", "head", "block"),
+      num_threads=2,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(item_chunks, item_num_chunks, item_row_begin, item_row_end, item_slot,
+    q.reshape(R, h_kv, g, d), k_pool, v_pool)
+
+
+def _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, row_private_len,
+               row_num_items, partials, *, config, sm_scale, interpret):
+  R, h, d = q.shape
+  _, h_kv, c, _ = k_pool.shape
+  g = h // h_kv
+  K = 0 if partials is None else partials[0].shape[2]
+  block_n = config.block_n
+  kernel = functools.partial(
+      _rows_kernel, g=g, K=K, c=c, block_n=block_n, num_stages=config.num_stages,
+      merge_stages=config.merge_stages, sm_scale=sm_scale)
+  kernel.__name__ = f"mosaic_sequence_first_g{g}_n{block_n}"
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((R * h, d), q.dtype),
+      grid=(R, h_kv),
+      grid_names=("row", "head"),
+      num_threads=2,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(num_rows.reshape(1), length_delta.reshape(1), row_private_chunks, row_private_len,
+    row_num_items, q.reshape(R * h, d), k_pool, v_pool,
+    *(() if partials is None else partials)).reshape(R, h, d)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Public jitted functions.
+# --------------------------------------------------------------------------------------------
+def check_mosaic(q, k_pool, v_pool) -> tuple[int, int, int, int, int]:
+  """Trace-time checks of what the Mosaic kernels support; returns (R, h, h_kv, c, d)."""
+  R, h, h_kv, c, d = _common.check_qkv(q, k_pool, v_pool, pallas=True)
+  if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
+    raise ValueError(f"the Mosaic kernels take float16 or bfloat16 (fp32 products would run at "
+                     f"TF32 on the tensor cores): {q.dtype=}")
+  if h // h_kv > MAX_GROUP:
+    raise ValueError(f"the Mosaic kernels support query heads per KV head up to {MAX_GROUP}: "
+                     f"{q.shape=} {k_pool.shape=}")
+  return R, h, h_kv, c, d
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("items_per_row", "sm_scale", "item_rows_capacity", "config", "interpret"))
+def mosaic_chunk_first(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
+                       item_row_end, item_slot, *, items_per_row: int,
+                       sm_scale: float | None = None, item_rows_capacity: int | None = None,
+                       config: MosaicConfig | None = None, interpret=False):
+  """Phase 1 (shared items) on Hopper: the contract of `chunk_first.chunk_first`.
+
+  Args:
+    q: [R, h, d] queries, float16/bfloat16.
+    k_pool, v_pool: [n_chunks, h_kv, c, d], q's dtype; h // h_kv <= 8.
+    item_chunks: int32 [I, G]; item_num_chunks, item_row_begin, item_row_end, item_slot: int32 [I]
+      (as in `chunk_first`).
+    items_per_row: K, partial slots per row.
+    sm_scale: score scale, default 1/sqrt(d).
+    item_rows_capacity: an upper bound on end - begin of any item (default R).
+    config: tuning knobs (default `MosaicConfig.default`).
+    interpret: False (compile for the GPU), True (Mosaic GPU interpreter with race detection)
+      or a `plgpu.InterpretGPUParams`.
+
+  Returns:
+    (o f32 [R, h_kv, K, gp, d], lse f32 [R, h_kv, K, gp]); entries no item covers are
+    uninitialised.
+  """
+  R, h, h_kv, c, d = check_mosaic(q, k_pool, v_pool)
+  _common.check_int("item_chunks", item_chunks, (None, None))
+  for name, x in (("item_num_chunks", item_num_chunks), ("item_row_begin", item_row_begin),
+                  ("item_row_end", item_row_end), ("item_slot", item_slot)):
+    _common.check_int(name, x, (item_chunks.shape[0],))
+  if items_per_row < 1:
+    raise ValueError(f"items_per_row must be >= 1: {items_per_row=}")
+  config = MosaicConfig.default(d=d, c=c) if config is None else config
+  sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+  return _items_call(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
+                     item_row_end, item_slot, K=items_per_row,
+                     item_rows_capacity=R if item_rows_capacity is None else item_rows_capacity,
+                     config=config, sm_scale=sm_scale, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
+def mosaic_sequence_first(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                          row_private_len, row_num_items, partials, *,
+                          sm_scale: float | None = None, config: MosaicConfig | None = None,
+                          interpret=False):
+  """Phase 2 (private chunks + merge) on Hopper: the contract of `sequence_first.sequence_first`.
+
+  Args:
+    q: [R, h, d]; k_pool, v_pool: [n_chunks, h_kv, c, d] (float16/bfloat16, h // h_kv <= 8).
+    num_rows, length_delta: int32 []; row_private_chunks: int32 [R, P]; row_private_len,
+      row_num_items: int32 [R] (as in `sequence_first`).
+    partials: (o f32 [R, h_kv, K, gp, d], lse f32 [R, h_kv, K, gp]) or None (no shared items).
+    sm_scale, config, interpret: as in `mosaic_chunk_first`.
+
+  Returns:
+    [R, h, d] in q.dtype; zeros for rows >= num_rows and rows with no token.
+  """
+  R, h, h_kv, c, d = check_mosaic(q, k_pool, v_pool)
+  num_rows = jnp.asarray(num_rows, jnp.int32)
+  length_delta = jnp.asarray(length_delta, jnp.int32)
+  for name, x in (("num_rows", num_rows), ("length_delta", length_delta)):
+    if x.shape != ():
+      raise ValueError(f"{name} must be an int32 scalar: {x.shape=}")
+  _common.check_int("row_private_chunks", row_private_chunks, (R, None))
+  _common.check_int("row_private_len", row_private_len, (R,))
+  _common.check_int("row_num_items", row_num_items, (R,))
+  if partials is not None:
+    partials = tuple(partials)
+    _common.check_partials(partials, R, h_kv, partials[0].shape[2],
+                           _common.partial_heads(h // h_kv), d)
+  config = MosaicConfig.default(d=d, c=c) if config is None else config
+  sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+  return _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                    row_private_len, row_num_items, partials, config=config, sm_scale=sm_scale,
+                    interpret=interpret)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Reference.
+# --------------------------------------------------------------------------------------------
+mosaic_chunk_first_reference = chunk_first_reference
+mosaic_sequence_first_reference = sequence_first_reference
