@@ -385,12 +385,14 @@ def _worker() -> None:
 def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 32,
                 items: int = 16, chunks_per_item: int = 16, private_chunks: int = 64,
                 items_per_row: int = 16, n_chunks: int = 4096, chunk_first_config=None,
-                sequence_first_config=None):
-  """`two_phase_decode(impl="pallas")` at the given shapes (configs as dicts of knobs)."""
+                sequence_first_config=None, impl: str = "pallas", mosaic_config=None):
+  """`two_phase_decode(impl=impl)` ("pallas" or "mosaic") at the given shapes (configs as dicts
+  of knobs)."""
   import jax
   import jax.numpy as jnp
 
   from pallas_kernels.chunk_first import ChunkFirstConfig
+  from pallas_kernels.mosaic_decode import MosaicConfig
   from pallas_kernels.sequence_first import SequenceFirstConfig
   from pallas_kernels.two_phase import two_phase_decode
 
@@ -404,7 +406,8 @@ def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 
             length_delta=i32())
   names = list(kw)
   fn = functools.partial(
-      two_phase_decode, impl="pallas", item_rows_capacity=R,
+      two_phase_decode, impl=impl, item_rows_capacity=R,
+      mosaic_config=MosaicConfig(**mosaic_config) if mosaic_config else None,
       chunk_first_config=ChunkFirstConfig(**chunk_first_config) if chunk_first_config else None,
       sequence_first_config=(SequenceFirstConfig(**sequence_first_config)
                              if sequence_first_config else None))

@@ -104,63 +104,54 @@ def _swizzled(dtype, minor: int):
 # --------------------------------------------------------------------------------------------
 # 1. Kernel bodies.
 # --------------------------------------------------------------------------------------------
-def _produce(*, k_ref, v_ref, j, slot_of, num_chunks, num_tiles, bufs, c: int, block_n: int,
-             num_stages: int):
-  """Producer warpgroup: reads each tile's pool slots and issues its TMA copies into the ring.
+def _attend(*, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c: int,
+            block_n: int, num_stages: int, sm_scale: float, zero_tail: bool):
+  """Online softmax of the 64 query rows in `q_smem` over `num_tokens` tokens of the pool.
 
-  slot_of(n): pool slot of the program's chunk n < num_chunks (a GMEM read; its latency stalls
-  only this warpgroup). A stage is refilled once the consumer arrived on its "consumed" barrier.
+  The tokens are the program's chunks in order; `slot_of(n)` reads the pool slot of chunk n from
+  GMEM. Tile n (`block_n` tokens) is copied by TMA into stage n % num_stages of the K/V ring;
+  tiles n + 1 .. n + num_stages - 1 are in flight while tile n is computed, and the slots of the
+  tile after the next refill are read one iteration early, so no GMEM latency is waited on in the
+  loop. Tokens from `num_tokens` on are masked; with `zero_tail`, V rows past it are zeroed in
+  shared memory before P V (the pool holds anything there, and 0 * NaN is NaN).
+
+  Returns (o: tuple of [64, 64] column blocks of the unnormalised output, m [64] running max in
+  the log2 domain, l [64] running sum).
   """
-  k_smem, v_smem, _, loaded, consumed = bufs
+  k_smem, v_smem, p_smem, loaded = ring
+  d = k_smem.shape[-1]
+  dtype = k_smem.dtype
   chunks_per_tile = max(1, block_n // c)
   tiles_per_chunk = max(1, c // block_n)
   rows = min(block_n, c)  # tokens of one TMA copy
+  num_tiles = pl.cdiv(num_tokens, block_n)
+  last_chunk = jnp.maximum(num_chunks - 1, 0)
 
-  @pl.loop(0, num_tiles)
-  def _issue(n):
+  def tile_slots(n):  # the pool slots of tile n (chunks past the last repeat it; masked)
+    if tiles_per_chunk == 1:
+      return tuple(slot_of(jnp.clip(n * chunks_per_tile + u, 0, last_chunk))
+                   for u in range(chunks_per_tile))
+    return (slot_of(jnp.minimum(lax.div(n, tiles_per_chunk), last_chunk)),)
+
+  def issue(n, slots):
     s = lax.rem(n, num_stages)
-
-    @pl.when(n >= num_stages)
-    def _():
-      plgpu.barrier_wait(consumed.at[s])
-
-    for u in range(chunks_per_tile):
-      if tiles_per_chunk == 1:
-        chunk = jnp.minimum(n * chunks_per_tile + u, num_chunks - 1)  # repeats are masked
-        src = pl.ds(0, rows)
-      else:
-        chunk = lax.div(n, tiles_per_chunk)
-        src = pl.ds(lax.rem(n, tiles_per_chunk) * rows, rows)
-      slot = slot_of(chunk)
+    src = pl.ds(0 if tiles_per_chunk == 1 else lax.rem(n, tiles_per_chunk) * rows, rows)
+    for u, slot in enumerate(slots):
       dst = pl.ds(u * rows, rows)
       plgpu.copy_gmem_to_smem(k_ref.at[slot, j, src], k_smem.at[s, dst], loaded.at[s])
       plgpu.copy_gmem_to_smem(v_ref.at[slot, j, src], v_smem.at[s, dst], loaded.at[s])
 
-  # Observe the last consumption of every stage, so that every barrier phase is observed by
-  # each warpgroup that waits on the barrier (all barriers are quiescent when the program ends).
-  @pl.loop(jnp.maximum(num_tiles - num_stages, 0), num_tiles)
-  def _drain(n):
-    plgpu.barrier_wait(consumed.at[lax.rem(n, num_stages)])
+  for n in range(num_stages):
+    pl.when(n < num_tiles)(functools.partial(issue, n, tile_slots(n)))
 
-
-def _consume(*, q_smem, num_tokens, num_tiles, bufs, block_n: int, num_stages: int,
-             sm_scale: float, zero_tail: bool):
-  """Consumer warpgroup: online softmax of the 64 query rows in `q_smem` over the ring's tiles.
-
-  Tokens from `num_tokens` on are masked; with `zero_tail`, V rows past it are zeroed in shared
-  memory before P V (the pool holds anything there, and 0 * NaN is NaN).
-
-  Returns (o [64, d] unnormalised, m [64] running max in the log2 domain, l [64] running sum).
-  """
-  k_smem, v_smem, p_smem, loaded, consumed = bufs
-  d = k_smem.shape[-1]
-  dtype = k_smem.dtype
   scale = sm_scale * LOG2E  # scores in the log2 domain: exp2 is one instruction
+  col_blocks = d // 64
 
   def body(n, carry):
-    o, m, l = carry
+    o, m, l, next_slots = carry
     s = lax.rem(n, num_stages)
     left = num_tokens - n * block_n  # valid tokens from this tile on
+    after_slots = tile_slots(n + num_stages + 1)  # read now, used by the next iteration
     plgpu.barrier_wait(loaded.at[s])
 
     def qk(acc):
@@ -168,7 +159,7 @@ def _consume(*, q_smem, num_tokens, num_tiles, bufs, block_n: int, num_stages: i
       return acc[...]
 
     scores = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
-    tok = lax.broadcasted_iota(jnp.int32, (BLOCK_M, block_n), 1)
+    tok = plgpu.broadcasted_iota(jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA)
     scores = jnp.where(tok < left, scores * scale, NEG)
     m_new = jnp.maximum(m, scores.max(axis=1))
     alpha = jnp.exp2(m - m_new)
@@ -178,32 +169,51 @@ def _consume(*, q_smem, num_tokens, num_tiles, bufs, block_n: int, num_stages: i
       @pl.when(left < block_n)
       def _():
         vt = v_smem.at[s]
-        row = lax.broadcasted_iota(jnp.int32, (block_n, d), 0)
-        vt[...] = jnp.where(row < left, vt[...], jnp.zeros((block_n, d), dtype))
+        # [block_n, d]: WGMMA's layout wants 64 | rows, its transpose 64 | d.
+        layout = plgpu.Layout.WGMMA if block_n % 64 == 0 else plgpu.Layout.WGMMA_TRANSPOSED
+        row = plgpu.broadcasted_iota(jnp.int32, (block_n, d), 0, layout=layout)
+        v = plgpu.load(vt, (), layout=layout)
+        vt[...] = jnp.where(row < left, v, jnp.zeros_like(v))
     p_smem[...] = p.astype(dtype)
     plgpu.commit_smem()  # P (and a zeroed tail) visible to the tensor cores
+    alpha_b = lax.broadcast_in_dim(alpha, (BLOCK_M, 64), [0])
+    o_new = []
+    for cb in range(col_blocks):  # P V by 64-column blocks: one [64, 64] temporary at a time
+      def pv(acc, cb=cb):
+        plgpu.wgmma(acc, p_smem, v_smem.at[s, :, pl.ds(cb * 64, 64)])
+        return acc[...]
 
-    def pv(acc):
-      plgpu.wgmma(acc, p_smem, v_smem.at[s])
-      return acc[...]
+      o_new.append(o[cb] * alpha_b + pl.run_scoped(pv, plgpu.ACC((BLOCK_M, 64), jnp.float32)))
 
-    pv_out = pl.run_scoped(pv, plgpu.ACC((BLOCK_M, d), jnp.float32))
-    plgpu.barrier_arrive(consumed.at[s])
-    return o * lax.broadcast_in_dim(alpha, o.shape, [0]) + pv_out, m_new, l
+    # Stage s is free (the wgmmas reading it have completed): refill it with tile n + stages.
+    pl.when(n + num_stages < num_tiles)(
+        functools.partial(issue, n + num_stages, next_slots))
+    return tuple(o_new), m_new, l, after_slots
 
-  init = (jnp.zeros((BLOCK_M, d), jnp.float32), jnp.full((BLOCK_M,), NEG, jnp.float32),
-          jnp.zeros((BLOCK_M,), jnp.float32))
-  return lax.fori_loop(0, num_tiles, body, init)
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  init = (tuple(plgpu.layout_cast(jnp.zeros((BLOCK_M, 64), jnp.float32), plgpu.Layout.WGMMA)
+                for _ in range(col_blocks)),
+          plgpu.layout_cast(jnp.full((BLOCK_M,), NEG, jnp.float32), row_layout),
+          plgpu.layout_cast(jnp.zeros((BLOCK_M,), jnp.float32), row_layout),
+          tile_slots(num_stages))
+  o, m, l, _ = lax.fori_loop(0, num_tiles, body, init)
+  return o, m, l
 
 
 def _ring_types(dtype, d, block_n, num_stages, c):
-  """Shared memory of the K/V pipeline: K ring, V ring, P, "loaded" and "consumed" barriers."""
+  """The K/V pipeline's shared memory (K ring, V ring, P) and its "loaded" barriers."""
   copies = 2 * max(1, block_n // c)  # K and V copies arriving on one stage's barrier
-  return (plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
-          plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
-          plgpu.SMEM((BLOCK_M, block_n), dtype, transforms=_swizzled(dtype, block_n)),
-          plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=1, num_barriers=num_stages))
+  return ((plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
+           plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
+           plgpu.SMEM((BLOCK_M, block_n), dtype, transforms=_swizzled(dtype, block_n))),
+          plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages))
+
+
+def _store_rows(o_smem, o, l):
+  """o / l into `o_smem` [64, d] f32 (column blocks of 64)."""
+  inv = lax.broadcast_in_dim(1.0 / l, (BLOCK_M, 64), [0])
+  for cb, ob in enumerate(o):
+    o_smem[:, pl.ds(cb * 64, 64)] = ob * inv
 
 
 def _items_kernel(
@@ -228,59 +238,51 @@ def _items_kernel(
   i = lax.axis_index("item")
   j = lax.axis_index("head")
   t = lax.axis_index("block")
-  wg = lax.axis_index("wg")
   _, _, g, d = q_ref.shape
   nr = rows_per_block(g)
   dtype = q_ref.dtype
   num_chunks = item_num_chunks_ref[i]
   row0 = item_row_begin_ref[i] + t * nr
   n_valid = jnp.clip(item_row_end_ref[i] - row0, 0, nr)  # rows of this block inside the item
-  num_tiles = pl.cdiv(num_chunks * c, block_n)
 
-  def scoped(q_smem, q_ready, o_smem, lse_smem, *bufs):
-    @pl.when(wg == 1)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
-      _produce(k_ref=k_ref, v_ref=v_ref, j=j, slot_of=lambda n: item_chunks_ref[i, n],
-               num_chunks=num_chunks, num_tiles=num_tiles, bufs=bufs, c=c, block_n=block_n,
-               num_stages=num_stages)
+  def scoped(q_smem, q_ready, union, loaded):
+    ring, (o_smem, lse_smem) = union
+    for gi in range(g):  # head gi's rows: one strided TMA box, rows [gi * nr, (gi + 1) * nr)
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, nr), j, gi], q_smem.at[pl.ds(gi * nr, nr)],
+                              q_ready.at[0])
+    plgpu.barrier_wait(q_ready.at[0])
+    o, m, l = _attend(k_ref=k_ref, v_ref=v_ref, j=j, slot_of=lambda n: item_chunks_ref[i, n],
+                      num_chunks=num_chunks, num_tokens=num_chunks * c, q_smem=q_smem,
+                      ring=(*ring, loaded), c=c, block_n=block_n, num_stages=num_stages,
+                      sm_scale=sm_scale, zero_tail=False)
+    # Covered rows saw >= 1 full chunk: l >= 1. Rows outside the item are never stored.
+    _store_rows(o_smem, o, l)
+    lse_smem[...] = (m + jnp.log2(l)) * LN2
+    plgpu.commit_smem()
+    slot = item_slot_ref[i]
+    for gi in range(g):
+      # Rows [row0, row0 + n_valid) of head gi, as TMA boxes of power-of-two sizes.
+      done = jnp.int32(0)
+      size = nr
+      while size >= 1:
+        take = (n_valid & size) != 0
 
-    @pl.when(wg == 0)
-    def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      for gi in range(g):  # head gi's rows: one strided TMA box, rows [gi * nr, (gi + 1) * nr)
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, nr), j, gi], q_smem.at[pl.ds(gi * nr, nr)],
-                                q_ready.at[0])
-      plgpu.barrier_wait(q_ready.at[0])
-      o, m, l = _consume(q_smem=q_smem, num_tokens=num_chunks * c, num_tiles=num_tiles,
-                         bufs=bufs, block_n=block_n, num_stages=num_stages, sm_scale=sm_scale,
-                         zero_tail=False)
-      # Covered rows saw >= 1 full chunk: l >= 1. Rows outside the item are never stored.
-      o_smem[...] = o / lax.broadcast_in_dim(l, o.shape, [0])
-      lse_smem[...] = (m + jnp.log2(l)) * LN2
-      plgpu.commit_smem()
-      slot = item_slot_ref[i]
+        @pl.when(take)
+        def _(done=done, size=size, gi=gi):
+          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(gi * nr + done, size)],
+                                  po_ref.at[pl.ds(row0 + done, size), j, slot, gi])
+
+        done = done + jnp.where(take, size, 0)
+        size //= 2
+
+    @pl.loop(0, n_valid)
+    def _store_lse(r):  # 4 bytes per (row, head): below TMA's 16-byte granule
       for gi in range(g):
-        # Rows [row0, row0 + n_valid) of head gi, as TMA boxes of power-of-two sizes.
-        done = jnp.int32(0)
-        size = nr
-        while size >= 1:
-          take = (n_valid & size) != 0
+        plse_ref[row0 + r, j, slot, gi] = lse_smem[gi * nr + r]
 
-          @pl.when(take)
-          def _(done=done, size=size, gi=gi):
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(gi * nr + done, size)],
-                                    po_ref.at[pl.ds(row0 + done, size), j, slot, gi])
+    plgpu.wait_smem_to_gmem(0)
 
-          done = done + jnp.where(take, size, 0)
-          size //= 2
-
-      @pl.loop(0, n_valid)
-      def _store_lse(r):  # 4 bytes per (row, head): below TMA's 16-byte granule
-        for gi in range(g):
-          plse_ref[row0 + r, j, slot, gi] = lse_smem[gi * nr + r]
-
-      plgpu.wait_smem_to_gmem(0)
+  ring, loaded = _ring_types(dtype, d, block_n, num_stages, c)
 
   @pl.when((num_chunks > 0) & (n_valid > 0))
   def _():
@@ -288,9 +290,10 @@ def _items_kernel(
         scoped,
         plgpu.SMEM((BLOCK_M, d), dtype, transforms=_swizzled(dtype, d)),
         plgpu.Barrier(num_arrivals=g, num_barriers=1),
-        plgpu.SMEM((BLOCK_M, d), jnp.float32),
-        plgpu.SMEM((BLOCK_M,), jnp.float32),
-        *_ring_types(dtype, d, block_n, num_stages, c),
+        # The epilogue's buffers reuse the ring's memory (the ring is idle by then).
+        plgpu.RefUnion(ring, (plgpu.SMEM((BLOCK_M, d), jnp.float32),
+                              plgpu.SMEM((BLOCK_M,), jnp.float32))),
+        loaded,
         collective_axes="wg")
 
 
@@ -317,7 +320,6 @@ def _rows_kernel(
   po_ref, plse_ref, out_ref = refs if K else (None, None, *refs)
   r = lax.axis_index("row")
   j = lax.axis_index("head")
-  wg = lax.axis_index("wg")
   d = q_ref.shape[-1]
   h = q_ref.shape[0] // row_private_len_ref.shape[0]
   gp = _common.partial_heads(g)
@@ -325,87 +327,83 @@ def _rows_kernel(
   live = r < num_rows_ref[0]
   length = jnp.where(live, row_private_len_ref[r] + length_delta_ref[0], 0)
   num_items = jnp.where(live, row_num_items_ref[r], 0) if K else 0
-  num_chunks = pl.cdiv(length, c)
-  num_tiles = pl.cdiv(length, block_n)
   head0 = r * h + j * g  # the group's first query row in q and the output
 
-  def scoped(q_smem, q_ready, o_smem, lse_smem, part_smem, part_ready, out_smem, *bufs):
-    @pl.when(wg == 1)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
-      _produce(k_ref=k_ref, v_ref=v_ref, j=j, slot_of=lambda n: row_private_chunks_ref[r, n],
-               num_chunks=num_chunks, num_tiles=num_tiles, bufs=bufs, c=c, block_n=block_n,
-               num_stages=num_stages)
+  def scoped(q_smem, q_ready, part_smem, part_ready, union, loaded):
+    ring, (o_smem, lse_smem, out_smem) = union
+    # The group's g queries (+ 8 - g rows that are computed and never stored).
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(head0, HEAD_ROWS)], q_smem.at[pl.ds(0, HEAD_ROWS)],
+                            q_ready.at[0])
 
-    @pl.when(wg == 0)
-    def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      # The group's g queries (+ 8 - g rows that are computed and never stored).
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(head0, HEAD_ROWS)],
-                              q_smem.at[pl.ds(0, HEAD_ROWS)], q_ready.at[0])
+    def fetch_partial(k, s):
+      plgpu.copy_gmem_to_smem(po_ref.at[r, j, k], part_smem.at[s, pl.ds(0, gp)],
+                              part_ready.at[s])
 
-      def fetch_partial(k, s):
-        plgpu.copy_gmem_to_smem(po_ref.at[r, j, k], part_smem.at[s, pl.ds(0, gp)],
-                                part_ready.at[s])
+    for s in range(merge_stages if K else 0):  # partial slots load during the private pass
+      pl.when(s < num_items)(functools.partial(fetch_partial, s, s))
+    plgpu.barrier_wait(q_ready.at[0])
+    o, m, l = _attend(k_ref=k_ref, v_ref=v_ref, j=j,
+                      slot_of=lambda n: row_private_chunks_ref[r, n],
+                      num_chunks=pl.cdiv(length, c), num_tokens=length, q_smem=q_smem,
+                      ring=(*ring, loaded), c=c, block_n=block_n, num_stages=num_stages,
+                      sm_scale=sm_scale, zero_tail=True)
+    # The private part as one more partial: normalised output and log-sum-exp (NEG if empty).
+    has = l > 0.0
+    _store_rows(o_smem, o, jnp.where(has, l, 1.0))
+    lse_smem[...] = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * LN2, NEG)
+    # Rows 0..7 as [8, d] arrays in a strided layout (each thread holds 16-byte vectors).
+    layout = plgpu.Layout.WG_STRIDED((HEAD_ROWS, d), vec_size=4)
+    head = plgpu.broadcasted_iota(jnp.int32, (HEAD_ROWS, d), 0, layout=layout)
 
-      for s in range(merge_stages if K else 0):  # partial slots load during the private pass
-        pl.when(s < num_items)(functools.partial(fetch_partial, s, s))
-      plgpu.barrier_wait(q_ready.at[0])
-      o, m, l = _consume(q_smem=q_smem, num_tokens=length, num_tiles=num_tiles, bufs=bufs,
-                         block_n=block_n, num_stages=num_stages, sm_scale=sm_scale,
-                         zero_tail=True)
-      # The private part as one more partial: normalised output and log-sum-exp (NEG if empty).
-      has = l > 0.0
-      o_smem[...] = jnp.where(lax.broadcast_in_dim(has, o.shape, [0]),
-                              o / lax.broadcast_in_dim(jnp.where(has, l, 1.0), o.shape, [0]), 0.0)
-      lse_smem[...] = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * LN2, NEG)
-      head = lax.broadcasted_iota(jnp.int32, (HEAD_ROWS, d), 0)
+    def per_head(value_of):  # [8, d] array whose row gi < g is the scalar value_of(gi)
+      out = plgpu.layout_cast(jnp.full((HEAD_ROWS, d), NEG, jnp.float32), layout)
+      for gi in range(g):
+        out = jnp.where(head == gi, value_of(gi), out)
+      return out
 
-      def per_head(value_of):  # [8, d] array whose row gi < g is the scalar value_of(gi)
-        out = jnp.full((HEAD_ROWS, d), NEG, jnp.float32)
-        for gi in range(g):
-          out = jnp.where(head == gi, value_of(gi), out)
-        return out
+    # Merge state over rows 0..7 (rows >= g are never stored): running max of the partials'
+    # log-sum-exps, sum of exp(lse - max) * o and sum of exp(lse - max). A row with no private
+    # token starts at (NEG, 0, 1): the first partial's weight exp(NEG - lse) = 0 resets it, and
+    # with no partial at all its output is 0 / 1 = 0.
+    mx = per_head(lambda gi: lse_smem[gi])
+    num = plgpu.load(o_smem.at[pl.ds(0, HEAD_ROWS)], (), layout=layout)
+    den = plgpu.layout_cast(jnp.ones((HEAD_ROWS, d), jnp.float32), layout)
+    if K:
+      def merge(k, carry):
+        mx, num, den = carry
+        s = lax.rem(k, merge_stages)
+        lse = per_head(lambda gi: plse_ref[r, j, k, gi])
+        plgpu.barrier_wait(part_ready.at[s])
+        part = plgpu.load(part_smem.at[s], (), layout=layout)
+        m_new = jnp.maximum(mx, lse)
+        alpha = jnp.exp(mx - m_new)
+        w = jnp.exp(lse - m_new)
+        plgpu.commit_smem()  # every thread has read stage s before it is refilled
 
-      # Merge state over rows 0..7 (rows >= g are never stored): running max of the partials'
-      # log-sum-exps, sum of exp(lse - max) * o and sum of exp(lse - max).
-      mx = per_head(lambda gi: lse_smem[gi])
-      num = o_smem[pl.ds(0, HEAD_ROWS), :]
-      den = jnp.ones((HEAD_ROWS, d), jnp.float32)
-      if K:
-        def merge(k, carry):
-          mx, num, den = carry
-          s = lax.rem(k, merge_stages)
-          lse = per_head(lambda gi: plse_ref[r, j, k, gi])
-          plgpu.barrier_wait(part_ready.at[s])
-          part = part_smem[s]
-          m_new = jnp.maximum(mx, lse)
-          alpha = jnp.exp(mx - m_new)
-          w = jnp.exp(lse - m_new)
-          plgpu.commit_smem()  # every thread has read stage s before it is refilled
+        @pl.when(k + merge_stages < num_items)
+        def _():
+          fetch_partial(k + merge_stages, s)
 
-          @pl.when(k + merge_stages < num_items)
-          def _():
-            fetch_partial(k + merge_stages, s)
+        return m_new, alpha * num + w * part, alpha * den + w
 
-          return m_new, alpha * num + w * part, alpha * den + w
+      mx, num, den = lax.fori_loop(0, num_items, merge, (mx, num, den))
+    out_smem[...] = (num / den).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, g)], out_ref.at[pl.ds(head0, g)])
+    plgpu.wait_smem_to_gmem(0)
 
-        mx, num, den = lax.fori_loop(0, num_items, merge, (mx, num, den))
-      out_smem[...] = (num / den).astype(dtype)  # den >= 1 where a partial exists; else num = 0
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, g)], out_ref.at[pl.ds(head0, g)])
-      plgpu.wait_smem_to_gmem(0)
-
+  ring, loaded = _ring_types(dtype, d, block_n, num_stages, c)
   pl.run_scoped(
       scoped,
       plgpu.SMEM((BLOCK_M, d), dtype, transforms=_swizzled(dtype, d)),
       plgpu.Barrier(num_arrivals=1, num_barriers=1),
-      plgpu.SMEM((BLOCK_M, d), jnp.float32),
-      plgpu.SMEM((BLOCK_M,), jnp.float32),
       plgpu.SMEM((merge_stages, HEAD_ROWS, d), jnp.float32),
       plgpu.Barrier(num_arrivals=1, num_barriers=merge_stages),
-      plgpu.SMEM((HEAD_ROWS, d), dtype),
-      *_ring_types(dtype, d, block_n, num_stages, c),
+      # The epilogue's buffers reuse the ring's memory (the ring is idle by then).
+      plgpu.RefUnion(ring, (plgpu.SMEM((BLOCK_M, d), jnp.float32),
+                            plgpu.SMEM((BLOCK_M,), jnp.float32),
+                            plgpu.SMEM((HEAD_ROWS, d), dtype))),
+      loaded,
       collective_axes="wg")
 
 
@@ -435,9 +433,9 @@ def _items_call(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
                 jax.ShapeDtypeStruct((R, h_kv, K, gp), jnp.float32)),
       grid=(item_chunks.shape[0], h_kv, blocks),
       grid_names=("item", "head", "block"),
-      num_threads=2,
+      num_threads=1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=_interpret_params(interpret),
   )(item_chunks, item_num_chunks, item_row_begin, item_row_end, item_slot,
     q.reshape(R, h_kv, g, d), k_pool, v_pool)
@@ -459,9 +457,9 @@ def _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, ro
       out_type=jax.ShapeDtypeStruct((R * h, d), q.dtype),
       grid=(R, h_kv),
       grid_names=("row", "head"),
-      num_threads=2,
+      num_threads=1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=_interpret_params(interpret),
   )(num_rows.reshape(1), length_delta.reshape(1), row_private_chunks, row_private_len,
     row_num_items, q.reshape(R * h, d), k_pool, v_pool,
@@ -558,6 +556,25 @@ def mosaic_sequence_first(q, k_pool, v_pool, num_rows, length_delta, row_private
   return _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
                     row_private_len, row_num_items, partials, config=config, sm_scale=sm_scale,
                     interpret=interpret)
+
+
+def mosaic_two_phase(q, k_pool, v_pool, *, num_rows, length_delta, row_private_chunks,
+                     row_private_len, row_items, row_num_items, item_chunks, item_num_chunks,
+                     item_row_begin, item_row_end, item_slot, sm_scale: float | None = None,
+                     item_rows_capacity: int | None = None, config: MosaicConfig | None = None,
+                     interpret=False):
+  """Both phases (`two_phase.two_phase_decode(impl="mosaic")`): two kernels, one without items."""
+  if item_chunks.shape[0] == 0:
+    return mosaic_sequence_first(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                                 row_private_len, row_num_items, None, sm_scale=sm_scale,
+                                 config=config, interpret=interpret)
+  partials = mosaic_chunk_first(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
+                                item_row_end, item_slot, items_per_row=row_items.shape[1],
+                                sm_scale=sm_scale, item_rows_capacity=item_rows_capacity,
+                                config=config, interpret=interpret)
+  return mosaic_sequence_first(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks,
+                               row_private_len, row_num_items, partials, sm_scale=sm_scale,
+                               config=config, interpret=interpret)
 
 
 # --------------------------------------------------------------------------------------------
