@@ -158,9 +158,13 @@ def _attend(*, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c
       plgpu.wgmma(acc, q_smem, k_smem.at[s].T)
       return acc[...]
 
-    scores = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
-    tok = plgpu.broadcasted_iota(jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA)
-    scores = jnp.where(tok < left, scores * scale, NEG)
+    scores = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32)) * scale
+
+    def mask(x):  # only the last tile has tokens past the end
+      tok = plgpu.broadcasted_iota(jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA)
+      return jnp.where(tok < left, x, NEG)
+
+    scores = lax.cond(left < block_n, mask, lambda x: x, scores)
     m_new = jnp.maximum(m, scores.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
@@ -168,11 +172,11 @@ def _attend(*, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c
     if zero_tail:
       @pl.when(left < block_n)
       def _():
-        vt = v_smem.at[s]
-        # [block_n, d]: WGMMA's layout wants 64 | rows, its transpose 64 | d.
-        layout = plgpu.Layout.WGMMA if block_n % 64 == 0 else plgpu.Layout.WGMMA_TRANSPOSED
-        row = plgpu.broadcasted_iota(jnp.int32, (block_n, d), 0, layout=layout)
-        v = plgpu.load(vt, (), layout=layout)
+        # The tile as a WGMMA-layout array (64 | rows): [block_n, d], or its transpose.
+        vt = v_smem.at[s] if block_n % 64 == 0 else v_smem.at[s].T
+        tok_dim = 0 if block_n % 64 == 0 else 1
+        row = plgpu.broadcasted_iota(jnp.int32, vt.shape, tok_dim, layout=plgpu.Layout.WGMMA)
+        v = plgpu.load(vt, (), layout=plgpu.Layout.WGMMA)
         vt[...] = jnp.where(row < left, v, jnp.zeros_like(v))
     p_smem[...] = p.astype(dtype)
     plgpu.commit_smem()  # P (and a zeroed tail) visible to the tensor cores
@@ -203,8 +207,9 @@ def _attend(*, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c
 def _ring_types(dtype, d, block_n, num_stages, c):
   """The K/V pipeline's shared memory (K ring, V ring, P) and its "loaded" barriers."""
   copies = 2 * max(1, block_n // c)  # K and V copies arriving on one stage's barrier
+  # wgmma wants both operands of one product swizzled alike: V as P, whose minor dim is block_n.
   return ((plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
-           plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
+           plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, block_n)),
            plgpu.SMEM((BLOCK_M, block_n), dtype, transforms=_swizzled(dtype, block_n))),
           plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages))
 
