@@ -415,6 +415,12 @@ def _rows_kernel(
 # --------------------------------------------------------------------------------------------
 # 2. plgpu.kernel wrappers.
 # --------------------------------------------------------------------------------------------
+# Lane semantics: layouts are chosen here (the warpgroup semantics' layout inference rejects the
+# dynamic row offsets of the epilogue's TMA stores). exp2 at the hardware's approximation.
+_COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True,
+                                        lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 def _interpret_params(interpret):
   if interpret is True:
     return plgpu.InterpretGPUParams(detect_races=True)
@@ -440,7 +446,7 @@ def _items_call(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
       grid_names=("item", "head", "block"),
       num_threads=1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+      compiler_params=_COMPILER_PARAMS,
       interpret=_interpret_params(interpret),
   )(item_chunks, item_num_chunks, item_row_begin, item_row_end, item_slot,
     q.reshape(R, h_kv, g, d), k_pool, v_pool)
@@ -464,7 +470,7 @@ def _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, ro
       grid_names=("row", "head"),
       num_threads=1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+      compiler_params=_COMPILER_PARAMS,
       interpret=_interpret_params(interpret),
   )(num_rows.reshape(1), length_delta.reshape(1), row_private_chunks, row_private_len,
     row_num_items, q.reshape(R * h, d), k_pool, v_pool,
