@@ -104,28 +104,38 @@ def _swizzled(dtype, minor: int):
 # --------------------------------------------------------------------------------------------
 # 1. Kernel bodies.
 # --------------------------------------------------------------------------------------------
-def _attend(*, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c: int,
+def num_warpgroups(d: int) -> int:
+  """Consumer warpgroups of a program: each owns 128 output columns (d = 256: two), since one
+  warpgroup holding a [64, 256] fp32 output plus its per-tile P V would spill registers."""
+  return max(1, d // 128)
+
+
+def _attend(*, wg, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c: int,
             block_n: int, num_stages: int, sm_scale: float, zero_tail: bool):
-  """Online softmax of the 64 query rows in `q_smem` over `num_tokens` tokens of the pool.
+  """Online softmax of the 64 query rows in `q_smem` over `num_tokens` tokens of the pool, for
+  the output columns of warpgroup `wg`.
 
   The tokens are the program's chunks in order; `slot_of(n)` reads the pool slot of chunk n from
-  GMEM. Tile n (`block_n` tokens) is copied by TMA into stage n % num_stages of the K/V ring;
-  tiles n + 1 .. n + num_stages - 1 are in flight while tile n is computed, and the slots of the
-  tile after the next refill are read one iteration early, so no GMEM latency is waited on in the
-  loop. Tokens from `num_tokens` on are masked; with `zero_tail`, V rows past it are zeroed in
-  shared memory before P V (the pool holds anything there, and 0 * NaN is NaN).
+  GMEM. Warpgroup 0 copies tile n (`block_n` tokens) by TMA into stage n % num_stages of the K/V
+  ring; tiles n + 1 .. n + num_stages - 1 are in flight while tile n is computed, and the slots of
+  the tile after the next refill are read one iteration early, so no GMEM latency is waited on in
+  the loop. Every warpgroup computes S = q K^T and the softmax (the same values), then P V for its
+  own columns; with several warpgroups, a stage is refilled once all arrived on its "consumed"
+  barrier. Tokens from `num_tokens` on are masked; with `zero_tail`, each warpgroup zeroes its V
+  columns past it in shared memory before P V (the pool holds anything there; 0 * NaN is NaN).
 
-  Returns (o: tuple of [64, 64] column blocks of the unnormalised output, m [64] running max in
-  the log2 domain, l [64] running sum).
+  Returns (o: tuple of this warpgroup's [64, 64] column blocks of the unnormalised output,
+  m [64] running max in the log2 domain, l [64] running sum).
   """
-  k_smem, v_smem, p_smem, loaded = ring
-  d = k_smem.shape[-1]
+  k_smem, v_smem, p_smem, loaded, consumed = ring
+  num_wg = num_warpgroups(k_smem.shape[-1])
   dtype = k_smem.dtype
   chunks_per_tile = max(1, block_n // c)
   tiles_per_chunk = max(1, c // block_n)
   rows = min(block_n, c)  # tokens of one TMA copy
   num_tiles = pl.cdiv(num_tokens, block_n)
   last_chunk = jnp.maximum(num_chunks - 1, 0)
+  my_blocks = k_smem.shape[-1] // 64 // num_wg  # this warpgroup's 64-column blocks
 
   def tile_slots(n):  # the pool slots of tile n (chunks past the last repeat it; masked)
     if tiles_per_chunk == 1:
@@ -141,11 +151,12 @@ def _attend(*, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c
       plgpu.copy_gmem_to_smem(k_ref.at[slot, j, src], k_smem.at[s, dst], loaded.at[s])
       plgpu.copy_gmem_to_smem(v_ref.at[slot, j, src], v_smem.at[s, dst], loaded.at[s])
 
-  for n in range(num_stages):
-    pl.when(n < num_tiles)(functools.partial(issue, n, tile_slots(n)))
+  @pl.when(wg == 0)
+  def _prologue():
+    for n in range(num_stages):
+      pl.when(n < num_tiles)(functools.partial(issue, n, tile_slots(n)))
 
   scale = sm_scale * LOG2E  # scores in the log2 domain: exp2 is one instruction
-  col_blocks = d // 64
 
   def body(n, carry):
     o, m, l, next_slots = carry
@@ -169,56 +180,75 @@ def _attend(*, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, ring, c
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
     l = l * alpha + p.sum(axis=1)
+    cols = [pl.ds((wg * my_blocks + b) * 64, 64) for b in range(my_blocks)]
     if zero_tail:
       @pl.when(left < block_n)
       def _():
-        # The tile as a WGMMA-layout array (64 | rows): [block_n, d], or its transpose.
-        vt = v_smem.at[s] if block_n % 64 == 0 else v_smem.at[s].T
-        tok_dim = 0 if block_n % 64 == 0 else 1
-        row = plgpu.broadcasted_iota(jnp.int32, vt.shape, tok_dim, layout=plgpu.Layout.WGMMA)
-        v = plgpu.load(vt, (), layout=plgpu.Layout.WGMMA)
-        vt[...] = jnp.where(row < left, v, jnp.zeros_like(v))
-    p_smem[...] = p.astype(dtype)
+        for col in cols:
+          # [block_n, 64] as a WGMMA-layout array (64 | rows): the block, or its transpose.
+          vt = v_smem.at[s, :, col] if block_n % 64 == 0 else v_smem.at[s, :, col].T
+          tok_dim = 0 if block_n % 64 == 0 else 1
+          row = plgpu.broadcasted_iota(jnp.int32, vt.shape, tok_dim, layout=plgpu.Layout.WGMMA)
+          v = plgpu.load(vt, (), layout=plgpu.Layout.WGMMA)
+          vt[...] = jnp.where(row < left, v, jnp.zeros_like(v))
+    p_smem.at[wg][...] = p.astype(dtype)
     plgpu.commit_smem()  # P (and a zeroed tail) visible to the tensor cores
     alpha_b = lax.broadcast_in_dim(alpha, (BLOCK_M, 64), [0])
     o_new = []
-    for cb in range(col_blocks):  # P V by 64-column blocks: one [64, 64] temporary at a time
-      def pv(acc, cb=cb):
-        plgpu.wgmma(acc, p_smem, v_smem.at[s, :, pl.ds(cb * 64, 64)])
+    for b, col in enumerate(cols):  # P V by 64-column blocks: one [64, 64] temporary at a time
+      def pv(acc, col=col):
+        plgpu.wgmma(acc, p_smem.at[wg], v_smem.at[s, :, col])
         return acc[...]
 
-      o_new.append(o[cb] * alpha_b + pl.run_scoped(pv, plgpu.ACC((BLOCK_M, 64), jnp.float32)))
+      o_new.append(o[b] * alpha_b + pl.run_scoped(pv, plgpu.ACC((BLOCK_M, 64), jnp.float32)))
 
-    # Stage s is free (the wgmmas reading it have completed): refill it with tile n + stages.
-    pl.when(n + num_stages < num_tiles)(
-        functools.partial(issue, n + num_stages, next_slots))
+    # Stage s is free once every warpgroup's wgmmas reading it have completed: refill it with
+    # tile n + stages.
+    if num_wg > 1:
+      plgpu.barrier_arrive(consumed.at[s])
+
+    @pl.when(wg == 0)
+    def _refill():
+      if num_wg > 1:
+        plgpu.barrier_wait(consumed.at[s])  # every phase, so that warpgroup 0 sees them all
+      pl.when(n + num_stages < num_tiles)(
+          functools.partial(issue, n + num_stages, next_slots))
+
     return tuple(o_new), m_new, l, after_slots
 
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   init = (tuple(plgpu.layout_cast(jnp.zeros((BLOCK_M, 64), jnp.float32), plgpu.Layout.WGMMA)
-                for _ in range(col_blocks)),
+                for _ in range(my_blocks)),
           plgpu.layout_cast(jnp.full((BLOCK_M,), NEG, jnp.float32), row_layout),
           plgpu.layout_cast(jnp.zeros((BLOCK_M,), jnp.float32), row_layout),
           tile_slots(num_stages))
   o, m, l, _ = lax.fori_loop(0, num_tiles, body, init)
+  if num_wg > 1:  # the epilogue's buffers alias the ring: wait for every warpgroup to leave it
+    plgpu.barrier_arrive(consumed.at[num_stages])
+    plgpu.barrier_wait(consumed.at[num_stages])
   return o, m, l
 
 
 def _ring_types(dtype, d, block_n, num_stages, c):
-  """The K/V pipeline's shared memory (K ring, V ring, P) and its "loaded" barriers."""
+  """The K/V pipeline's shared memory (K ring, V ring, P per warpgroup) and its barriers
+  ("loaded" per stage; "consumed" per stage plus one for leaving the ring, if several
+  warpgroups)."""
+  num_wg = num_warpgroups(d)
   copies = 2 * max(1, block_n // c)  # K and V copies arriving on one stage's barrier
   # wgmma wants both operands of one product swizzled alike: V as P, whose minor dim is block_n.
-  return ((plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
-           plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, block_n)),
-           plgpu.SMEM((BLOCK_M, block_n), dtype, transforms=_swizzled(dtype, block_n))),
-          plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages))
+  smem = (plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, d)),
+          plgpu.SMEM((num_stages, block_n, d), dtype, transforms=_swizzled(dtype, block_n)),
+          plgpu.SMEM((num_wg, BLOCK_M, block_n), dtype, transforms=_swizzled(dtype, block_n)))
+  barriers = (plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+              plgpu.Barrier(num_arrivals=num_wg, num_barriers=num_stages + 1))
+  return smem, barriers
 
 
 def _store_rows(o_smem, o, l):
-  """o / l into `o_smem` [64, d] f32 (column blocks of 64)."""
+  """o / l into `o_smem` [64, dw] f32 (this warpgroup's columns, contiguous for TMA)."""
   inv = lax.broadcast_in_dim(1.0 / l, (BLOCK_M, 64), [0])
-  for cb, ob in enumerate(o):
-    o_smem[:, pl.ds(cb * 64, 64)] = ob * inv
+  for b, ob in enumerate(o):
+    o_smem[:, pl.ds(b * 64, 64)] = ob * inv
 
 
 def _items_kernel(
@@ -243,28 +273,37 @@ def _items_kernel(
   i = lax.axis_index("item")
   j = lax.axis_index("head")
   t = lax.axis_index("block")
+  wg = lax.axis_index("wg")
   _, _, g, d = q_ref.shape
+  num_wg = num_warpgroups(d)
+  dw = d // num_wg  # this warpgroup's output columns: [wg * dw, (wg + 1) * dw)
   nr = rows_per_block(g)
   dtype = q_ref.dtype
   num_chunks = item_num_chunks_ref[i]
   row0 = item_row_begin_ref[i] + t * nr
   n_valid = jnp.clip(item_row_end_ref[i] - row0, 0, nr)  # rows of this block inside the item
 
-  def scoped(q_smem, q_ready, union, loaded):
+  def scoped(q_smem, q_ready, union, loaded, consumed):
     ring, (o_smem, lse_smem) = union
-    for gi in range(g):  # head gi's rows: one strided TMA box, rows [gi * nr, (gi + 1) * nr)
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, nr), j, gi], q_smem.at[pl.ds(gi * nr, nr)],
-                              q_ready.at[0])
+
+    @pl.when(wg == 0)
+    def _load_q():
+      for gi in range(g):  # head gi's rows: one strided TMA box, rows [gi * nr, (gi + 1) * nr)
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, nr), j, gi],
+                                q_smem.at[pl.ds(gi * nr, nr)], q_ready.at[0])
+
     plgpu.barrier_wait(q_ready.at[0])
-    o, m, l = _attend(k_ref=k_ref, v_ref=v_ref, j=j, slot_of=lambda n: item_chunks_ref[i, n],
-                      num_chunks=num_chunks, num_tokens=num_chunks * c, q_smem=q_smem,
-                      ring=(*ring, loaded), c=c, block_n=block_n, num_stages=num_stages,
-                      sm_scale=sm_scale, zero_tail=False)
+    o, m, l = _attend(wg=wg, k_ref=k_ref, v_ref=v_ref, j=j,
+                      slot_of=lambda n: item_chunks_ref[i, n], num_chunks=num_chunks,
+                      num_tokens=num_chunks * c, q_smem=q_smem, ring=(*ring, loaded, consumed),
+                      c=c, block_n=block_n, num_stages=num_stages, sm_scale=sm_scale,
+                      zero_tail=False)
     # Covered rows saw >= 1 full chunk: l >= 1. Rows outside the item are never stored.
-    _store_rows(o_smem, o, l)
-    lse_smem[...] = (m + jnp.log2(l)) * LN2
+    _store_rows(o_smem.at[wg], o, l)
+    lse_smem.at[wg][...] = (m + jnp.log2(l)) * LN2
     plgpu.commit_smem()
     slot = item_slot_ref[i]
+    cols = pl.ds(wg * dw, dw)
     for gi in range(g):
       # Rows [row0, row0 + n_valid) of head gi, as TMA boxes of power-of-two sizes.
       done = jnp.int32(0)
@@ -274,20 +313,22 @@ def _items_kernel(
 
         @pl.when(take)
         def _(done=done, size=size, gi=gi):
-          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(gi * nr + done, size)],
-                                  po_ref.at[pl.ds(row0 + done, size), j, slot, gi])
+          plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(gi * nr + done, size)],
+                                  po_ref.at[pl.ds(row0 + done, size), j, slot, gi, cols])
 
         done = done + jnp.where(take, size, 0)
         size //= 2
 
-    @pl.loop(0, n_valid)
-    def _store_lse(r):  # 4 bytes per (row, head): below TMA's 16-byte granule
-      for gi in range(g):
-        plse_ref[row0 + r, j, slot, gi] = lse_smem[gi * nr + r]
+    @pl.when(wg == 0)
+    def _store_lse():
+      @pl.loop(0, n_valid)
+      def _(r):  # 4 bytes per (row, head): below TMA's 16-byte granule
+        for gi in range(g):
+          plse_ref[row0 + r, j, slot, gi] = lse_smem[0, gi * nr + r]
 
     plgpu.wait_smem_to_gmem(0)
 
-  ring, loaded = _ring_types(dtype, d, block_n, num_stages, c)
+  ring, (loaded, consumed) = _ring_types(dtype, d, block_n, num_stages, c)
 
   @pl.when((num_chunks > 0) & (n_valid > 0))
   def _():
@@ -296,9 +337,10 @@ def _items_kernel(
         plgpu.SMEM((BLOCK_M, d), dtype, transforms=_swizzled(dtype, d)),
         plgpu.Barrier(num_arrivals=g, num_barriers=1),
         # The epilogue's buffers reuse the ring's memory (the ring is idle by then).
-        plgpu.RefUnion(ring, (plgpu.SMEM((BLOCK_M, d), jnp.float32),
-                              plgpu.SMEM((BLOCK_M,), jnp.float32))),
+        plgpu.RefUnion(ring, (plgpu.SMEM((num_wg, BLOCK_M, dw), jnp.float32),
+                              plgpu.SMEM((num_wg, BLOCK_M), jnp.float32))),
         loaded,
+        consumed,
         collective_axes="wg")
 
 
@@ -325,7 +367,10 @@ def _rows_kernel(
   po_ref, plse_ref, out_ref = refs if K else (None, None, *refs)
   r = lax.axis_index("row")
   j = lax.axis_index("head")
+  wg = lax.axis_index("wg")
   d = q_ref.shape[-1]
+  num_wg = num_warpgroups(d)
+  dw = d // num_wg  # this warpgroup's output columns: [wg * dw, (wg + 1) * dw)
   h = q_ref.shape[0] // row_private_len_ref.shape[0]
   gp = _common.partial_heads(g)
   dtype = q_ref.dtype
@@ -334,34 +379,39 @@ def _rows_kernel(
   num_items = jnp.where(live, row_num_items_ref[r], 0) if K else 0
   head0 = r * h + j * g  # the group's first query row in q and the output
 
-  def scoped(q_smem, q_ready, part_smem, part_ready, union, loaded):
+  def scoped(q_smem, q_ready, part_smem, part_ready, union, loaded, consumed):
     ring, (o_smem, lse_smem, out_smem) = union
-    # The group's g queries (+ 8 - g rows that are computed and never stored).
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(head0, HEAD_ROWS)], q_smem.at[pl.ds(0, HEAD_ROWS)],
-                            q_ready.at[0])
+    cols = pl.ds(wg * dw, dw)
+    my_part = part_smem.at[wg]  # [merge_stages, 8, dw] this warpgroup's columns of the partials
+
+    @pl.when(wg == 0)
+    def _load_q():  # the group's g queries (+ 8 - g rows that are computed and never stored)
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(head0, HEAD_ROWS)],
+                              q_smem.at[pl.ds(0, HEAD_ROWS)], q_ready.at[0])
 
     def fetch_partial(k, s):
-      plgpu.copy_gmem_to_smem(po_ref.at[r, j, k], part_smem.at[s, pl.ds(0, gp)],
-                              part_ready.at[s])
+      plgpu.copy_gmem_to_smem(po_ref.at[r, j, k, :, cols], my_part.at[s, pl.ds(0, gp)],
+                              part_ready.at[wg * merge_stages + s])
 
     for s in range(merge_stages if K else 0):  # partial slots load during the private pass
       pl.when(s < num_items)(functools.partial(fetch_partial, s, s))
     plgpu.barrier_wait(q_ready.at[0])
-    o, m, l = _attend(k_ref=k_ref, v_ref=v_ref, j=j,
+    o, m, l = _attend(wg=wg, k_ref=k_ref, v_ref=v_ref, j=j,
                       slot_of=lambda n: row_private_chunks_ref[r, n],
                       num_chunks=pl.cdiv(length, c), num_tokens=length, q_smem=q_smem,
-                      ring=(*ring, loaded), c=c, block_n=block_n, num_stages=num_stages,
-                      sm_scale=sm_scale, zero_tail=True)
+                      ring=(*ring, loaded, consumed), c=c, block_n=block_n,
+                      num_stages=num_stages, sm_scale=sm_scale, zero_tail=True)
     # The private part as one more partial: normalised output and log-sum-exp (NEG if empty).
     has = l > 0.0
-    _store_rows(o_smem, o, jnp.where(has, l, 1.0))
-    lse_smem[...] = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * LN2, NEG)
-    # Rows 0..7 as [8, d] arrays in a strided layout (each thread holds 16-byte vectors).
-    layout = plgpu.Layout.WG_STRIDED((HEAD_ROWS, d), vec_size=4)
-    head = plgpu.broadcasted_iota(jnp.int32, (HEAD_ROWS, d), 0, layout=layout)
+    _store_rows(o_smem.at[wg], o, jnp.where(has, l, 1.0))
+    lse_smem.at[wg][...] = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * LN2, NEG)
+    # Rows 0..7 of this warpgroup's columns as [8, dw] arrays in a strided layout (each thread
+    # holds 16-byte vectors).
+    layout = plgpu.Layout.WG_STRIDED((HEAD_ROWS, dw), vec_size=4)
+    head = plgpu.broadcasted_iota(jnp.int32, (HEAD_ROWS, dw), 0, layout=layout)
 
-    def per_head(value_of):  # [8, d] array whose row gi < g is the scalar value_of(gi)
-      out = plgpu.layout_cast(jnp.full((HEAD_ROWS, d), NEG, jnp.float32), layout)
+    def per_head(value_of):  # [8, dw] array whose row gi < g is the scalar value_of(gi)
+      out = plgpu.layout_cast(jnp.full((HEAD_ROWS, dw), NEG, jnp.float32), layout)
       for gi in range(g):
         out = jnp.where(head == gi, value_of(gi), out)
       return out
@@ -370,16 +420,16 @@ def _rows_kernel(
     # log-sum-exps, sum of exp(lse - max) * o and sum of exp(lse - max). A row with no private
     # token starts at (NEG, 0, 1): the first partial's weight exp(NEG - lse) = 0 resets it, and
     # with no partial at all its output is 0 / 1 = 0.
-    mx = per_head(lambda gi: lse_smem[gi])
-    num = plgpu.load(o_smem.at[pl.ds(0, HEAD_ROWS)], (), layout=layout)
-    den = plgpu.layout_cast(jnp.ones((HEAD_ROWS, d), jnp.float32), layout)
+    mx = per_head(lambda gi: lse_smem[wg, gi])
+    num = plgpu.load(o_smem.at[wg, pl.ds(0, HEAD_ROWS)], (), layout=layout)
+    den = plgpu.layout_cast(jnp.ones((HEAD_ROWS, dw), jnp.float32), layout)
     if K:
       def merge(k, carry):
         mx, num, den = carry
         s = lax.rem(k, merge_stages)
         lse = per_head(lambda gi: plse_ref[r, j, k, gi])
-        plgpu.barrier_wait(part_ready.at[s])
-        part = plgpu.load(part_smem.at[s], (), layout=layout)
+        plgpu.barrier_wait(part_ready.at[wg * merge_stages + s])
+        part = plgpu.load(my_part.at[s], (), layout=layout)
         m_new = jnp.maximum(mx, lse)
         alpha = jnp.exp(mx - m_new)
         w = jnp.exp(lse - m_new)
@@ -392,23 +442,24 @@ def _rows_kernel(
         return m_new, alpha * num + w * part, alpha * den + w
 
       mx, num, den = lax.fori_loop(0, num_items, merge, (mx, num, den))
-    out_smem[...] = (num / den).astype(dtype)
+    out_smem.at[wg][...] = (num / den).astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, g)], out_ref.at[pl.ds(head0, g)])
+    plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(0, g)], out_ref.at[pl.ds(head0, g), cols])
     plgpu.wait_smem_to_gmem(0)
 
-  ring, loaded = _ring_types(dtype, d, block_n, num_stages, c)
+  ring, (loaded, consumed) = _ring_types(dtype, d, block_n, num_stages, c)
   pl.run_scoped(
       scoped,
       plgpu.SMEM((BLOCK_M, d), dtype, transforms=_swizzled(dtype, d)),
       plgpu.Barrier(num_arrivals=1, num_barriers=1),
-      plgpu.SMEM((merge_stages, HEAD_ROWS, d), jnp.float32),
-      plgpu.Barrier(num_arrivals=1, num_barriers=merge_stages),
+      plgpu.SMEM((num_wg, merge_stages, HEAD_ROWS, dw), jnp.float32),
+      plgpu.Barrier(num_arrivals=1, num_barriers=num_wg * merge_stages),
       # The epilogue's buffers reuse the ring's memory (the ring is idle by then).
-      plgpu.RefUnion(ring, (plgpu.SMEM((BLOCK_M, d), jnp.float32),
-                            plgpu.SMEM((BLOCK_M,), jnp.float32),
-                            plgpu.SMEM((HEAD_ROWS, d), dtype))),
+      plgpu.RefUnion(ring, (plgpu.SMEM((num_wg, BLOCK_M, dw), jnp.float32),
+                            plgpu.SMEM((num_wg, BLOCK_M), jnp.float32),
+                            plgpu.SMEM((num_wg, HEAD_ROWS, dw), dtype))),
       loaded,
+      consumed,
       collective_axes="wg")
 
 
@@ -444,7 +495,7 @@ def _items_call(q, k_pool, v_pool, item_chunks, item_num_chunks, item_row_begin,
                 jax.ShapeDtypeStruct((R, h_kv, K, gp), jnp.float32)),
       grid=(item_chunks.shape[0], h_kv, blocks),
       grid_names=("item", "head", "block"),
-      num_threads=1,
+      num_threads=num_warpgroups(d),
       thread_name="wg",
       compiler_params=_COMPILER_PARAMS,
       interpret=_interpret_params(interpret),
@@ -468,7 +519,7 @@ def _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, ro
       out_type=jax.ShapeDtypeStruct((R * h, d), q.dtype),
       grid=(R, h_kv),
       grid_names=("row", "head"),
-      num_threads=1,
+      num_threads=num_warpgroups(d),
       thread_name="wg",
       compiler_params=_COMPILER_PARAMS,
       interpret=_interpret_params(interpret),
