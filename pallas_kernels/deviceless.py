@@ -341,10 +341,10 @@ def _start_worker(specs: list[dict], tmp: str) -> subprocess.Popen:
       MOSAIC_GPU_DUMP_MLIR_PASSES="1")
   os.makedirs(env["MOSAIC_GPU_DUMP_TO"])
   # stderr to a file: a worker blocked on a full stderr pipe would never finish its stdout.
-  proc = subprocess.Popen([sys.executable, "-m", "pallas_kernels.deviceless"],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=open(os.path.join(tmp, "stderr.txt"), "w"), text=True, env=env,
-                          cwd=repo)
+  with open(os.path.join(tmp, "stderr.txt"), "w") as log:  # the child keeps its own handle
+    proc = subprocess.Popen([sys.executable, "-m", "pallas_kernels.deviceless"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=env, cwd=repo)
   proc.log_path = os.path.join(tmp, "stderr.txt")
   proc.stdin.write(json.dumps(specs))
   proc.stdin.close()
@@ -358,6 +358,7 @@ def _finish_worker(proc: subprocess.Popen, n: int, timeout_s: float) -> list[Com
   finally:
     if proc.poll() is None:
       proc.kill()
+    proc.stdout.close()
   with open(proc.log_path) as f:
     stderr = f.read()
   if proc.returncode:

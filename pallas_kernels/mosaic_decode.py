@@ -189,7 +189,7 @@ def _attend(*, wg, k_ref, v_ref, j, slot_of, num_chunks, num_tokens, q_smem, rin
           vt = v_smem.at[s, :, col] if block_n % 64 == 0 else v_smem.at[s, :, col].T
           tok_dim = 0 if block_n % 64 == 0 else 1
           row = plgpu.broadcasted_iota(jnp.int32, vt.shape, tok_dim, layout=plgpu.Layout.WGMMA)
-          v = plgpu.load(vt, (), layout=plgpu.Layout.WGMMA)
+          v = plgpu.load(vt, layout=plgpu.Layout.WGMMA)
           vt[...] = jnp.where(row < left, v, jnp.zeros_like(v))
     p_smem.at[wg][...] = p.astype(dtype)
     plgpu.commit_smem()  # P (and a zeroed tail) visible to the tensor cores
@@ -421,7 +421,7 @@ def _rows_kernel(
     # token starts at (NEG, 0, 1): the first partial's weight exp(NEG - lse) = 0 resets it, and
     # with no partial at all its output is 0 / 1 = 0.
     mx = per_head(lambda gi: lse_smem[wg, gi])
-    num = plgpu.load(o_smem.at[wg, pl.ds(0, HEAD_ROWS)], (), layout=layout)
+    num = plgpu.load(o_smem.at[wg, pl.ds(0, HEAD_ROWS)], layout=layout)
     den = plgpu.layout_cast(jnp.ones((HEAD_ROWS, dw), jnp.float32), layout)
     if K:
       def merge(k, carry):
@@ -429,7 +429,7 @@ def _rows_kernel(
         s = lax.rem(k, merge_stages)
         lse = per_head(lambda gi: plse_ref[r, j, k, gi])
         plgpu.barrier_wait(part_ready.at[wg * merge_stages + s])
-        part = plgpu.load(my_part.at[s], (), layout=layout)
+        part = plgpu.load(my_part.at[s], layout=layout)
         m_new = jnp.maximum(mx, lse)
         alpha = jnp.exp(mx - m_new)
         w = jnp.exp(lse - m_new)
