@@ -62,12 +62,13 @@ class MosaicConfig:
   Attributes:
     block_n: tokens per K/V tile (wgmma N of ``q K^T``, K of ``P V``): 16, 32, 64 or 128.
     num_stages: K/V tiles in the shared-memory ring (TMA copies in flight ahead of the consumer).
-    merge_stages: partial slots in flight while phase 2 merges (a ring of [8, d] fp32 buffers).
+    merge_stages: partial slots in flight while phase 2 merges (a ring of [8, d] fp32 buffers;
+      at most the plan's slots per row are used).
   """
 
   block_n: int = 64
   num_stages: int = 2
-  merge_stages: int = 2
+  merge_stages: int = 4
 
   def __post_init__(self):
     if self.block_n not in (16, 32, 64, 128):
@@ -85,7 +86,7 @@ class MosaicConfig:
     block_n = 64 if d <= 128 else 32
     stage_bytes = 2 * block_n * d * 2
     return cls(block_n=block_n, num_stages=max(2, min(4, (64 * 1024) // stage_bytes)),
-               merge_stages=2)
+               merge_stages=4 if d <= 128 else 2)
 
 
 def rows_per_block(g: int) -> int:
@@ -354,8 +355,8 @@ def _rows_kernel(
     q_ref,  # [R * h, d] queries, natural layout flattened
     k_ref,  # [n_chunks, h_kv, c, d]
     v_ref,  # [n_chunks, h_kv, c, d]
-    *refs,  # with K > 0: po_ref [R, h_kv, K, gp, d] f32 and plse_ref [R, h_kv, K, gp] f32;
-    #         then the output out_ref [R * h, d], q dtype
+    *refs,  # with K > 0: po_ref [R, h_kv, K, gp, d] f32 and plse_ref [R * h_kv * K * gp] f32
+    #         (flat); then the output out_ref [R * h, d], q dtype
     g: int,
     K: int,
     c: int,
@@ -372,6 +373,7 @@ def _rows_kernel(
   num_wg = num_warpgroups(d)
   dw = d // num_wg  # this warpgroup's output columns: [wg * dw, (wg + 1) * dw)
   h = q_ref.shape[0] // row_private_len_ref.shape[0]
+  num_kv = k_ref.shape[1]
   gp = _common.partial_heads(g)
   dtype = q_ref.dtype
   live = r < num_rows_ref[0]
@@ -379,7 +381,7 @@ def _rows_kernel(
   num_items = jnp.where(live, row_num_items_ref[r], 0) if K else 0
   head0 = r * h + j * g  # the group's first query row in q and the output
 
-  def scoped(q_smem, q_ready, part_smem, part_ready, union, loaded, consumed):
+  def scoped(q_smem, q_ready, part_smem, part_ready, lse_row, union, loaded, consumed):
     ring, (o_smem, lse_smem, out_smem) = union
     cols = pl.ds(wg * dw, dw)
     my_part = part_smem.at[wg]  # [merge_stages, 8, dw] this warpgroup's columns of the partials
@@ -393,7 +395,16 @@ def _rows_kernel(
       plgpu.copy_gmem_to_smem(po_ref.at[r, j, k, :, cols], my_part.at[s, pl.ds(0, gp)],
                               part_ready.at[wg * merge_stages + s])
 
-    for s in range(merge_stages if K else 0):  # partial slots load during the private pass
+    # Partial slots load during the private pass: the row's K * gp log-sum-exps in one copy (the
+    # box is rounded up to 128 bytes; what it reads past the row is never used), and the first
+    # `merge_stages` slots of o.
+    if K:
+      @pl.when((num_items > 0) & (wg == 0))
+      def _():
+        plgpu.copy_gmem_to_smem(plse_ref.at[pl.ds((r * num_kv + j) * K * gp, lse_row.shape[0])],
+                                lse_row, part_ready.at[num_wg * merge_stages])
+
+    for s in range(merge_stages if K else 0):
       pl.when(s < num_items)(functools.partial(fetch_partial, s, s))
     plgpu.barrier_wait(q_ready.at[0])
     o, m, l = _attend(wg=wg, k_ref=k_ref, v_ref=v_ref, j=j,
@@ -424,10 +435,14 @@ def _rows_kernel(
     num = plgpu.load(o_smem.at[wg, pl.ds(0, HEAD_ROWS)], layout=layout)
     den = plgpu.layout_cast(jnp.ones((HEAD_ROWS, dw), jnp.float32), layout)
     if K:
+      @pl.when(num_items > 0)
+      def _():
+        plgpu.barrier_wait(part_ready.at[num_wg * merge_stages])
+
       def merge(k, carry):
         mx, num, den = carry
         s = lax.rem(k, merge_stages)
-        lse = per_head(lambda gi: plse_ref[r, j, k, gi])
+        lse = per_head(lambda gi: lse_row[k * gp + gi])
         plgpu.barrier_wait(part_ready.at[wg * merge_stages + s])
         part = plgpu.load(my_part.at[s], layout=layout)
         m_new = jnp.maximum(mx, lse)
@@ -453,7 +468,9 @@ def _rows_kernel(
       plgpu.SMEM((BLOCK_M, d), dtype, transforms=_swizzled(dtype, d)),
       plgpu.Barrier(num_arrivals=1, num_barriers=1),
       plgpu.SMEM((num_wg, merge_stages, HEAD_ROWS, dw), jnp.float32),
-      plgpu.Barrier(num_arrivals=1, num_barriers=num_wg * merge_stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=num_wg * merge_stages + 1),
+      # The row's lse: Mosaic's TMA (Lane semantics) moves multiples of 128 bytes.
+      plgpu.SMEM((-(-max(K * gp, 1) // 32) * 32,), jnp.float32),
       # The epilogue's buffers reuse the ring's memory (the ring is idle by then).
       plgpu.RefUnion(ring, (plgpu.SMEM((num_wg, BLOCK_M, dw), jnp.float32),
                             plgpu.SMEM((num_wg, BLOCK_M), jnp.float32),
@@ -512,7 +529,7 @@ def _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, ro
   block_n = config.block_n
   kernel = functools.partial(
       _rows_kernel, g=g, K=K, c=c, block_n=block_n, num_stages=config.num_stages,
-      merge_stages=config.merge_stages, sm_scale=sm_scale)
+      merge_stages=max(1, min(config.merge_stages, K)), sm_scale=sm_scale)
   kernel.__name__ = f"mosaic_sequence_first_g{g}_n{block_n}"
   return plgpu.kernel(
       kernel,
@@ -525,7 +542,7 @@ def _rows_call(q, k_pool, v_pool, num_rows, length_delta, row_private_chunks, ro
       interpret=_interpret_params(interpret),
   )(num_rows.reshape(1), length_delta.reshape(1), row_private_chunks, row_private_len,
     row_num_items, q.reshape(R * h, d), k_pool, v_pool,
-    *(() if partials is None else partials)).reshape(R, h, d)
+    *(() if partials is None else (partials[0], partials[1].reshape(-1)))).reshape(R, h, d)
 
 
 # --------------------------------------------------------------------------------------------

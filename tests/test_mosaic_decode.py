@@ -162,21 +162,23 @@ def test_more_slots_than_merge_stages_and_deep_ring(rng):
   check_against_dense(case, out, jnp.float16)
 
 
-def test_race_detection_reports_a_merge_without_its_barrier_wait(rng, monkeypatch):
-  """The detector is live for this kernel: without the wait on the merge ring's barriers, reading
-  a partial slot races with the TMA copy into it (each stage is used once here, so no barrier
-  phase goes unobserved, which the interpreter would report as an error instead)."""
+def test_race_detection_reports_a_merge_without_its_barrier_waits(rng, monkeypatch):
+  """The detector is live for this kernel: without the waits on the merge's barriers, reading a
+  partial slot or the row's lse races with the TMA copy into it (each barrier completes once
+  here, so no phase goes unobserved, which the interpreter would report as an error instead)."""
   case = make_case(rng, c=16, g=1, d=64, dtype=jnp.float16, seed=34, plan_kwargs_=split(8),
                    n_chunks=128)
   assert 1 <= int(np.asarray(case.plan.row_num_items).max()) <= 4
   kw = {k: jnp.asarray(v) for k, v in plan_kwargs(case.plan).items()}
   part = chunk_first_reference(case.q, case.k_pool, case.v_pool, *[kw[k] for k in ITEM_ARGS],
                                items_per_row=case.plan.items_per_row)
-  config = MosaicConfig(num_stages=2, merge_stages=4)  # the only barrier array of 4
+  # The merge's barriers (4 slots + the lse row) are the only array of 5; the K/V ring has 2
+  # "loaded" and 3 "consumed" barriers, q one.
+  config = MosaicConfig(num_stages=2, merge_stages=4)
   wait = plgpu.barrier_wait
 
   def wait_except_merge(barrier, *args, **kwargs):
-    if getattr(barrier, "ref", barrier).shape != (4,):
+    if getattr(barrier, "ref", barrier).shape != (5,):
       wait(barrier, *args, **kwargs)
 
   assert not races_found()
