@@ -395,17 +395,18 @@ def _rows_kernel(
       plgpu.copy_gmem_to_smem(po_ref.at[r, j, k, :, cols], my_part.at[s, pl.ds(0, gp)],
                               part_ready.at[wg * merge_stages + s])
 
-    # Partial slots load during the private pass: the row's K * gp log-sum-exps in one copy (the
-    # box is rounded up to 128 bytes; what it reads past the row is never used), and the first
-    # `merge_stages` slots of o.
+    # Partial slots load during the private pass, issued before the row's scalars arrive (one
+    # memory round trip, not two, for a row with only shared work): the row's K * gp
+    # log-sum-exps in one copy (the box is rounded up to 128 bytes; what it reads past the row is
+    # never used), and the first `merge_stages` slots of o, used or not.
     if K:
-      @pl.when((num_items > 0) & (wg == 0))
+      @pl.when(wg == 0)
       def _():
         plgpu.copy_gmem_to_smem(plse_ref.at[pl.ds((r * num_kv + j) * K * gp, lse_row.shape[0])],
                                 lse_row, part_ready.at[num_wg * merge_stages])
 
     for s in range(merge_stages if K else 0):
-      pl.when(s < num_items)(functools.partial(fetch_partial, s, s))
+      fetch_partial(s, s)
     plgpu.barrier_wait(q_ready.at[0])
     o, m, l = _attend(wg=wg, k_ref=k_ref, v_ref=v_ref, j=j,
                       slot_of=lambda n: row_private_chunks_ref[r, n],
@@ -435,9 +436,7 @@ def _rows_kernel(
     num = plgpu.load(o_smem.at[wg, pl.ds(0, HEAD_ROWS)], layout=layout)
     den = plgpu.layout_cast(jnp.ones((HEAD_ROWS, dw), jnp.float32), layout)
     if K:
-      @pl.when(num_items > 0)
-      def _():
-        plgpu.barrier_wait(part_ready.at[num_wg * merge_stages])
+      plgpu.barrier_wait(part_ready.at[num_wg * merge_stages])
 
       def merge(k, carry):
         mx, num, den = carry
@@ -457,6 +456,9 @@ def _rows_kernel(
         return m_new, alpha * num + w * part, alpha * den + w
 
       mx, num, den = lax.fori_loop(0, num_items, merge, (mx, num, den))
+      for s in range(merge_stages):  # stages loaded and never used: observe their copies
+        pl.when(num_items <= s)(functools.partial(plgpu.barrier_wait,
+                                                  part_ready.at[wg * merge_stages + s]))
     out_smem.at[wg][...] = (num / den).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(0, g)], out_ref.at[pl.ds(head0, g), cols])
