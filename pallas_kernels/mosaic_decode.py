@@ -1,5 +1,5 @@
 """Two-phase decode attention in Pallas Mosaic GPU (Hopper): TMA paged gathers, mbarrier rings,
-a producer and a consumer warpgroup, wgmma.
+wgmma.
 
 The same two phases and the same partial layout as the Triton kernels (`chunk_first.py`,
 `sequence_first.py`; docs/kernels.md), written for Hopper's own machinery:
@@ -11,13 +11,13 @@ The same two phases and the same partial layout as the Triton kernels (`chunk_fi
 * **Phase 2, rows** (`mosaic_sequence_first`): one program per (row, KV head). It attends the row's
   ``g`` queries to the row's private chunks, merges the row's partial slots, and writes the output.
 
-Both phases share one pipeline (`_attend`): a *producer* warpgroup reads each tile's pool slots
-(plan arrays in GMEM) and issues TMA copies of whole chunks, ``pool.at[slot, j]``, into a ring of
-``num_stages`` K/V buffers, each guarded by a "loaded" mbarrier (transaction count) and a
-"consumed" mbarrier; the *consumer* warpgroup waits on "loaded", computes ``S = q K^T`` (wgmma into
-a scoped accumulator), an online softmax in registers, writes ``P`` to shared memory, computes
-``P V`` (wgmma), and arrives on "consumed". Tiles hold ``block_n`` tokens: several chunks when
-``c < block_n`` (the slots past the last chunk repeat it and are masked), a slice of one otherwise.
+Both phases share one pipeline (`_attend`): TMA copies of whole chunks, ``pool.at[slot, j]`` with
+the slot read from the plan at run time, into a ring of ``num_stages`` K/V buffers guarded by
+"loaded" mbarriers (transaction counts); per tile, ``S = q K^T`` (wgmma into a scoped accumulator),
+an online softmax in registers, ``P`` through shared memory, ``P V`` (wgmma), then the stage is
+refilled. One warpgroup per 128 output columns (two at d = 256, which share the ring through
+"consumed" mbarriers). Tiles hold ``block_n`` tokens: several chunks when ``c < block_n`` (the
+slots past the last chunk repeat it and are masked), a slice of one otherwise.
 
 Conventions (the contract of `two_phase.two_phase_decode`): 16-bit inputs (fp32 would run the
 products at TF32 on tensor cores), ``g = h // h_kv <= 8``, ``d in {64, 128, 256}``,
@@ -26,8 +26,8 @@ products at TF32 on tensor cores), ``g = h // h_kv <= 8``, ``d in {64, 128, 256}
 no item covers are never written or read. Rows ``>= num_rows`` get zeros.
 
 The kernels run on the CPU in Mosaic GPU's interpreter (``interpret=True``:
-`plgpu.InterpretGPUParams`, race detection on by default), which simulates TMA, mbarriers, both
-warpgroups and wgmma.
+`plgpu.InterpretGPUParams` with race detection), which simulates TMA, mbarriers, warpgroups and
+wgmma.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class MosaicConfig:
   @classmethod
   def default(cls, *, d: int, c: int) -> "MosaicConfig":
     """Heuristic: 64-token tiles (32 at d = 256) in a ring of ~64 KB, so that with q, P and the
-    epilogue buffers two programs fit one SM's shared memory at d <= 128."""
+    merge buffers two programs fit one SM's shared memory at d <= 128 (the epilogue's buffers
+    alias the ring)."""
     del c
     block_n = 64 if d <= 128 else 32
     stage_bytes = 2 * block_n * d * 2
@@ -106,8 +107,8 @@ def _swizzled(dtype, minor: int):
 # 1. Kernel bodies.
 # --------------------------------------------------------------------------------------------
 def num_warpgroups(d: int) -> int:
-  """Consumer warpgroups of a program: each owns 128 output columns (d = 256: two), since one
-  warpgroup holding a [64, 256] fp32 output plus its per-tile P V would spill registers."""
+  """Warpgroups of a program: each owns 128 output columns (d = 256: two), since one warpgroup
+  holding a [64, 256] fp32 output plus its per-tile P V would spill registers."""
   return max(1, d // 128)
 
 
