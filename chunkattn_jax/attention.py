@@ -1,7 +1,8 @@
 """Decode attention over the chunk pool, driven by a `DecodePlan` (glue to `pallas_kernels`).
 
 The kernel choice is data: `impl="pallas"` (GPU, Triton), `"pallas_interpret"` (CPU interpret
-mode), `"xla"` (two-phase in plain XLA, the CPU default) or `"reference"` (dense gather per row).
+mode), `"mosaic"` (Hopper, Pallas Mosaic GPU), `"mosaic_interpret"` (its CPU interpreter), `"xla"`
+(two-phase in plain XLA, the CPU default) or `"reference"` (dense gather per row).
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, plan: D
       token t attends to the shared prefix, the private tokens before it and itself.
     k_pool, v_pool: [n_chunks, h_kv, c, d] with c = plan.chunk_size; h % h_kv == 0.
     plan: the decode plan (NumPy or device arrays; it is a pytree, so it can be a jit argument).
-    impl: "pallas" | "pallas_interpret" | "xla" | "reference".
+    impl: one of `IMPLS`: "pallas" | "pallas_interpret" | "mosaic" | "mosaic_interpret" | "xla" |
+      "reference".
     sm_scale: score scale, default 1/sqrt(d).
     validate: check the plan's values first (`validate_plan`; raises `InvalidPlanError`). On by
       default because a malformed plan would read the wrong memory silently (gathers clamp); turn
       it off in a hot loop over plans from `PlanBuilder` (the engine does). Plans that are jit
       tracers cannot be checked and are not.
     **knobs: static kernel knobs forwarded to `two_phase_decode` (`chunk_first_config`,
-      `sequence_first_config`).
+      `sequence_first_config`, `mosaic_config`).
 
   Returns:
     q's shape and dtype; spare rows are zeros.

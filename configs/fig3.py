@@ -15,7 +15,7 @@ def get_config():
   config.n_s_values = (1024, 2048, 4096)
   config.n_c_values = (64, 512, 1024, 2048)
   config.samples = 5         # sampled decode steps per point (integrated linearly)
-  config.impls = ("ours", "paged", "xla_two_phase", "naive")
+  config.impls = ("ours", "ours_mosaic", "paged", "xla_two_phase", "naive")
   config.iters = 10
   config.cpu = ml_collections.ConfigDict(dict(
       batch=4, h=4, h_kv=2, d=64, chunk_size=16, dtype="float32", n_s_values=(128,),

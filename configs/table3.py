@@ -19,7 +19,7 @@ def get_config():
   config.grid = ((1024, 0), (1024, 512), (1024, 768), (1024, 1024),
                  (2048, 0), (2048, 1024), (2048, 1536), (2048, 2048),
                  (4096, 0), (4096, 2048), (4096, 3072), (4096, 4096))
-  config.impls = ("ours", "paged", "xla_two_phase", "naive", "cudnn", "jax_paged")
+  config.impls = ("ours", "ours_mosaic", "paged", "xla_two_phase", "naive", "cudnn", "jax_paged")
   config.iters = 30
   config.warmup = 2
   config.floor_bytes = 2 ** 31   # read-bandwidth reduction size
@@ -28,6 +28,9 @@ def get_config():
   # --config.chunk_first_config.block_n=64; empty = the per-shape defaults.
   config.chunk_first_config = ml_collections.ConfigDict()
   config.sequence_first_config = ml_collections.ConfigDict()
+  # pallas_kernels.MosaicConfig overrides for "ours_mosaic" (Hopper), e.g.
+  # --config.mosaic_config.num_stages=3
+  config.mosaic_config = ml_collections.ConfigDict()
   config.device_calls = 20  # calls per jitted program for `device_us`
   config.shrink_on_cpu = True
   config.cpu = ml_collections.ConfigDict(dict(

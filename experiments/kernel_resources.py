@@ -1,8 +1,10 @@
 """Compiles every decode kernel configuration for an H100 (sm_90a) and tabulates its resources.
 
 Uses XLA's deviceless compile (`pallas_kernels.deviceless`): registers and spills from ptxas,
-shared memory and grid from XLA's launch plan, barriers per loop iteration, the MMA instruction and
-the cp.async pipeline depth from the PTX. One row per kernel and configuration.
+shared memory and grid from XLA's launch plan (Mosaic kernels: from Mosaic's own dumps), barriers
+per loop iteration, the MMA instruction, the cp.async pipeline depth and the TMA copies per
+iteration from the PTX. One row per kernel and configuration. `config.impl` picks the kernels:
+"pallas" (Triton, the default) or "mosaic" (`configs/kernel_resources_mosaic.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pallas_kernels import deviceless
 
 COLUMNS = ("kernel", "d", "c", "dtype", "g", "grid", "threads", "registers", "spill_bytes",
            "smem_bytes", "ctas_per_sm", "barriers_per_iteration", "mma", "tiles_in_flight",
-           "gpu_kernels")
+           "tma_per_iteration", "mbarriers", "gpu_kernels")
 
 
 def specs(config) -> list[dict]:
@@ -22,6 +24,10 @@ def specs(config) -> list[dict]:
   for d, c, dtype, g in itertools.product(config.head_dims, config.chunk_sizes, config.dtypes,
                                           config.groups):
     kwargs = dict(d=d, c=c, dtype=dtype, g=g, h=config.h, rows=config.rows)
+    if config.get("impl", "pallas") != "pallas":
+      kwargs["impl"] = config.impl
+    if config.get("mosaic_config"):
+      kwargs["mosaic_config"] = dict(config.mosaic_config)
     if config.chunk_first_config:
       kwargs["chunk_first_config"] = dict(config.chunk_first_config)
     if config.sequence_first_config:
@@ -41,7 +47,8 @@ def rows_of(spec: dict, report: deviceless.CompileReport) -> list[dict]:
         barriers_per_iteration=k.barriers_per_iteration, mma=k.mma,
         tiles_in_flight=min((lp.tiles_in_flight for lp in k.loops if lp.cp_async_groups),
                             default=None),
-        gpu_kernels=report.num_gpu_kernels))
+        tma_per_iteration=max((lp.tma_copies for lp in k.loops), default=0),
+        mbarriers=k.mbarriers, gpu_kernels=report.num_gpu_kernels))
   return rows
 
 

@@ -13,6 +13,7 @@ wall time of one jitted program that runs `device_calls` calls on distinct queri
 
 Implementations (`config.impls`):
   ours           Pallas two-phase kernels, cost-model plan                       (GPU only)
+  ours_mosaic    the Mosaic GPU kernels (impl="mosaic"), cost-model plan      (Hopper GPU only)
   paged          the same kernels on a plan without shared items (threshold >= b) (GPU only)
   xla_two_phase  the two phases in plain XLA (gathers + einsums), cost-model plan
   naive          einsum-softmax-einsum over K/V materialised per sequence
@@ -38,14 +39,22 @@ from chunkattn_jax.prefix_tree import PrefixTree
 from chunkattn_jax.reference_attention import reference_decode_attention
 from chunkattn_jax.sharing_policy import CostModelPolicy
 from experiments import common
-from pallas_kernels import ChunkFirstConfig, SequenceFirstConfig
+from pallas_kernels import ChunkFirstConfig, MosaicConfig, SequenceFirstConfig
 
 GPU_ONLY = ("ours", "paged", "cudnn", "jax_paged")
+HOPPER_ONLY = ("ours_mosaic",)
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
 
 
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
+
+
+def on_hopper() -> bool:
+  """A GPU of compute capability 9.x (H100, H200): what the Mosaic kernels are built for."""
+  if not on_gpu():
+    return False
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def effective(config):
@@ -142,6 +151,8 @@ def kernel_configs(cfg) -> dict:
 def _two_phase(wl, plan, impl, cfg):
   dplan = jax.device_put(plan)
   knobs = kernel_configs(cfg) if impl == "pallas" else {}
+  if impl == "mosaic" and cfg.get("mosaic_config"):
+    knobs = dict(mosaic_config=MosaicConfig(**dict(cfg.mosaic_config)))
   # The plan was built here from the tree: skip the eager value check inside the timed call.
   fn = jax.jit(lambda q: decode_attention(q, wl.k_pool, wl.v_pool, dplan, impl=impl,
                                           validate=False, **knobs))
@@ -208,8 +219,12 @@ def implementations(cfg, wl: Workload) -> dict:
   for name in cfg.impls:
     if name in GPU_ONLY and not on_gpu():
       out[name] = "skipped: GPU only"
+    elif name in HOPPER_ONLY and not on_hopper():
+      out[name] = "skipped: Hopper GPU only"
     elif name == "ours":
       out[name] = _two_phase(wl, build_plan(wl.tree, policy=policy_for(cfg)), "pallas", cfg)
+    elif name == "ours_mosaic":
+      out[name] = _two_phase(wl, build_plan(wl.tree, policy=policy_for(cfg)), "mosaic", cfg)
     elif name == "paged":
       out[name] = _two_phase(wl, build_plan(wl.tree, threshold=max(b, 1)), "pallas", cfg)
     elif name == "xla_two_phase":
@@ -292,7 +307,8 @@ def summary(rows, config):
   skipped = sorted({r["impl"] for r in rows if r["us"] is None})
   lines = [f"read bandwidth for the floor: {rows[0]['bandwidth_gbps']:.1f} GB/s"]
   if skipped:
-    lines.append(f"skipped (GPU only, not on {jax.default_backend()}): {', '.join(skipped)}")
+    lines.append(f"skipped (GPU or Hopper only, not on {jax.default_backend()}): "
+                 f"{', '.join(skipped)}")
   return "\n".join(lines)
 
 

@@ -15,6 +15,12 @@ What it needs (``scripts/install_gpu_compile.sh`` installs the first):
   would try to start it on every import;
 * ``ptxas`` and libdevice of a CUDA 12.8+ toolkit (``PATH``, ``$CUDA_HOME`` or ``/usr/local/cuda``).
 
+Mosaic GPU kernels (``pallas_kernels.mosaic_decode``) are compiled by Mosaic itself, not by XLA's
+ptxas call: the worker sets ``MOSAIC_GPU_DUMP_TO`` (with ``_PTX``, ``_PTXAS`` and ``_RESOURCES``)
+and reads, per kernel, Mosaic's ptxas report (registers, spills), its launch (grid, threads,
+dynamic shared memory, from the lowered module) and its mbarrier count; XLA's thunk sequence lists
+each such kernel as a ``kCustomCall``, matched to the dumps in compile order.
+
 The compile runs in a subprocess (``python -m pallas_kernels.deviceless`` reads a JSON list of
 specs on stdin) with ``JAX_PLATFORMS=cpu``. `compile_specs` is the entry point; a spec names a
 *builder* ``"module:function"`` called with the spec's keyword arguments, which returns
@@ -88,6 +94,7 @@ class Loop:
   cp_async_groups: int  # cp.async groups committed per iteration
   tiles_in_flight: int  # cp.async groups left pending at the wait, in iterations' worth
   global_loads: int  # ld.global instructions per iteration (not cp.async)
+  tma_copies: int = 0  # cp.async.bulk (TMA) copies issued per iteration
 
 
 @dataclasses.dataclass
@@ -102,6 +109,7 @@ class KernelResources:
   spill_bytes: int = 0  # spill stores + spill loads, bytes
   stack_bytes: int = 0
   loops: list[Loop] = dataclasses.field(default_factory=list)
+  mbarriers: int = 0  # mbarrier objects in shared memory (Mosaic kernels)
 
   def ctas_per_sm(self, gpu: Gpu = H100) -> int:
     """Resident blocks per SM allowed by registers, shared memory, threads and the block limit."""
@@ -166,7 +174,8 @@ def ptx_loops(ptx: str) -> list[Loop]:
     body = "\n".join(lines[start:end + 1])
     cp_async = len(re.findall(r"\bcp\.async\.c[ag]\.", body))
     ldg = len(re.findall(r"\bld\.global\.", body))
-    if not (cp_async or ldg):
+    tma = len(re.findall(r"\bcp\.async\.bulk\.(?:tensor\.\w+\.)?shared", body))
+    if not (cp_async or ldg or tma):
       continue
     commits = body.count("cp.async.commit_group")
     waits = [int(w) for w in re.findall(r"cp\.async\.wait_group\s+(\d+)", body)]
@@ -178,7 +187,7 @@ def ptx_loops(ptx: str) -> list[Loop]:
       mma = "fma"
     in_flight = (min(waits) // commits) if commits and waits else 0
     loops.append(Loop(barriers=len(_BARRIER.findall(body)), mma=mma, cp_async_groups=commits,
-                      tiles_in_flight=in_flight, global_loads=ldg))
+                      tiles_in_flight=in_flight, global_loads=ldg, tma_copies=tma))
   return loops
 
 
@@ -195,6 +204,46 @@ def parse_ptxas(text: str) -> dict:
   return dict(registers=int(regs.group(1)) if regs else 0,
               spill_bytes=(int(spills.group(1)) + int(spills.group(2))) if spills else 0,
               stack_bytes=int(stack.group(1)) if stack else 0)
+
+
+_LAUNCH = re.compile(
+    r"blocks\([^)]*\) in \(" + r",\s*".join([r"%\S+ = %c(\d+)\w*"] * 3) + r"\) threads\([^)]*\) in "
+    r"\(" + r",\s*".join([r"%\S+ = %c(\d+)\w*"] * 3) + r"\) dynamic_shared_memory_size %c(\d+)")
+
+
+def parse_mosaic_launch(mlir: str) -> tuple[tuple[int, ...], int, int]:
+  """(grid, threads, dynamic shared memory bytes) of the last `gpu.launch` in Mosaic's lowered
+  module text (its MLIR pass log). The grid is CUDA's (x, y, z): the kernel's grid reversed."""
+  found = _LAUNCH.findall(mlir)
+  if not found:
+    return (), 0, 0
+  *dims, smem = (int(x) for x in found[-1])
+  return tuple(dims[:3]), math.prod(dims[3:]), smem
+
+
+def parse_mosaic_resources(text: str) -> int:
+  """mbarriers allocated, from Mosaic's `Resources(...)` dump."""
+  return sum(int(n) for n in re.findall(r"num_barriers=(\d+)", text))
+
+
+def mosaic_dumps(directory: str) -> list[dict]:
+  """The kernels Mosaic compiled into `directory` (MOSAIC_GPU_DUMP_TO), in compile order."""
+  found = {}
+  for f in glob.glob(os.path.join(directory, "*.ptxas")):
+    m = re.match(r"(.+)_(\d+)$", os.path.basename(f)[:-len(".ptxas")])
+    if m:
+      found[int(m.group(2))] = (m.group(1), f[:-len(".ptxas")])
+  out = []
+  for n in sorted(found):
+    name, base = found[n]
+    read = lambda ext: open(base + ext).read() if os.path.exists(base + ext) else ""
+    grid, threads, smem = parse_mosaic_launch(read(".mlir-passes.log"))
+    k = dict(kernel=name, grid=list(grid), threads=threads, smem_bytes=smem,
+             mbarriers=parse_mosaic_resources(read(".resources.txt")), loops=[])
+    k.update(parse_ptxas(read(".ptxas")))
+    k["loops"] = [dataclasses.asdict(lp) for lp in ptx_loops(read(".ptx"))]
+    out.append(k)
+  return out
 
 
 _THUNK = re.compile(r"^\d+:\s+(k\w+)\s+\[[^\]]*\]\s+(\S+)(.*)$")
@@ -287,7 +336,7 @@ def _start_worker(specs: list[dict], tmp: str) -> subprocess.Popen:
   os.makedirs(wrapper_dir)
   # XLA runs the first `ptxas` on PATH; this one keeps a copy of the PTX it is given.
   with open(os.path.join(wrapper_dir, "ptxas"), "w") as f:
-    f.write(f'#!/bin/sh\ncp "$1" "$PTX_DUMP_DIR/$(basename "$1").ptx"\n'
+    f.write(f'#!/bin/sh\n[ -f "$1" ] && cp "$1" "$PTX_DUMP_DIR/$(basename "$1").ptx"\n'
             f'exec "{find_ptxas()}" "$@"\n')
   os.chmod(os.path.join(wrapper_dir, "ptxas"), 0o755)
   env = dict(os.environ)
@@ -296,10 +345,13 @@ def _start_worker(specs: list[dict], tmp: str) -> subprocess.Popen:
       PATH=wrapper_dir + os.pathsep + env.get("PATH", ""),
       PYTHONPATH=os.pathsep.join([plugin_dir(), repo, env.get("PYTHONPATH", "")]),
       XLA_FLAGS=(env.get("XLA_FLAGS", "") + f" --xla_dump_to={os.path.join(tmp, 'xla')}"),
-      SM90_TMP=tmp, TF_CPP_MIN_LOG_LEVEL="2")
+      SM90_TMP=tmp, TF_CPP_MIN_LOG_LEVEL="2", MOSAIC_GPU_DUMP_TO=os.path.join(tmp, "mosaic"),
+      MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1",
+      MOSAIC_GPU_DUMP_MLIR_PASSES="1")
+  os.makedirs(env["MOSAIC_GPU_DUMP_TO"])
   # stderr to a file: a worker blocked on a full stderr pipe would never finish its stdout.
   log_path = os.path.join(tmp, "stderr.txt")
-  with open(log_path, "w") as log:
+  with open(log_path, "w") as log:  # the child keeps its own handle
     proc = subprocess.Popen([sys.executable, "-m", "pallas_kernels.deviceless"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                             env=env, cwd=repo)
@@ -362,7 +414,8 @@ def _worker() -> None:
   for spec in json.loads(sys.stdin.read()):
     fn, args = _import(spec["builder"])(**spec.get("kwargs", {}))
     args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), args)
-    for f in glob.glob(os.path.join(ptx_dir, "*")):
+    mosaic_dir = os.environ["MOSAIC_GPU_DUMP_TO"]
+    for f in glob.glob(os.path.join(ptx_dir, "*")) + glob.glob(os.path.join(mosaic_dir, "*")):
       os.remove(f)
     try:
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -383,7 +436,11 @@ def _worker() -> None:
         ptx_by_name[ptx_entry(src)] = (f, src)
     kernels = []
     gpu_thunks = [t for t in thunks if t[0] not in _HOST_THUNKS]
+    mosaic = mosaic_dumps(mosaic_dir)
     for kind, name, grid, threads, smem in gpu_thunks:
+      if kind == "kCustomCall" and mosaic:  # a Mosaic GPU kernel (dumps in compile order)
+        kernels.append(mosaic.pop(0))
+        continue
       k = dict(kernel=name, grid=list(grid), threads=threads, smem_bytes=smem, loops=[])
       if name in ptx_by_name:
         path, src = ptx_by_name[name]
@@ -402,13 +459,15 @@ def _worker() -> None:
 def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 32,
                 items: int = 16, chunks_per_item: int = 16, private_chunks: int = 64,
                 items_per_row: int = 16, n_chunks: int = 4096, tokens_per_row: int = 1,
-                chunk_first_config=None, sequence_first_config=None):
-  """`two_phase_decode(impl="pallas")` at the given shapes (configs as dicts of knobs);
-  `tokens_per_row` > 1 gives q [rows, T, h, d]."""
+                chunk_first_config=None, sequence_first_config=None, impl: str = "pallas",
+                mosaic_config=None):
+  """`two_phase_decode(impl=impl)` ("pallas" or "mosaic") at the given shapes (configs as dicts
+  of knobs); `tokens_per_row` > 1 gives q [rows, T, h, d]."""
   import jax
   import jax.numpy as jnp
 
   from pallas_kernels.chunk_first import ChunkFirstConfig
+  from pallas_kernels.mosaic_decode import MosaicConfig
   from pallas_kernels.sequence_first import SequenceFirstConfig
   from pallas_kernels.two_phase import two_phase_decode
 
@@ -422,7 +481,8 @@ def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 
             length_delta=i32())
   names = list(kw)
   fn = functools.partial(
-      two_phase_decode, impl="pallas", item_rows_capacity=R,
+      two_phase_decode, impl=impl, item_rows_capacity=R,
+      mosaic_config=MosaicConfig(**mosaic_config) if mosaic_config else None,
       chunk_first_config=ChunkFirstConfig(**chunk_first_config) if chunk_first_config else None,
       sequence_first_config=(SequenceFirstConfig(**sequence_first_config)
                              if sequence_first_config else None))

@@ -7,6 +7,9 @@
   their natural layout, partial buffers are never zero-filled, live rows and length deltas are
   applied inside the kernels;
 * ``"pallas_interpret"``: the same kernels in Pallas interpret mode (CPU, slow; for tests);
+* ``"mosaic"``: the same two phases as Pallas Mosaic GPU kernels (`mosaic_decode`; Hopper, 16-bit
+  inputs, groups up to 8): TMA gathers, mbarrier rings, producer/consumer warpgroups, wgmma;
+* ``"mosaic_interpret"``: those kernels in the Mosaic GPU interpreter (CPU, race detection on);
 * ``"xla"``: the same two phases in plain XLA (`chunk_first_reference`, `sequence_first_reference`);
 * ``"reference"``: no phases: every row gathers all its chunks (items' then private) and runs a
   dense fp32 softmax. The simplest correct implementation.
@@ -23,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels import _common
+from pallas_kernels import _common, mosaic_decode
 from pallas_kernels.chunk_first import ChunkFirstConfig, chunk_first, chunk_first_reference
 from pallas_kernels.sequence_first import (SequenceFirstConfig, sequence_first,
                                            sequence_first_reference)
 
-IMPLS = ("pallas", "pallas_interpret", "xla", "reference")
+IMPLS = ("pallas", "pallas_interpret", "mosaic", "mosaic_interpret", "xla", "reference")
 # T * g: rows carrying T new tokens, g query heads per KV head (the sm_90a compile sweep covers it).
 MAX_QUERIES_PER_KV_HEAD = 64
 
@@ -78,13 +81,14 @@ def _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items, ro
 @functools.partial(
     jax.jit,
     static_argnames=("impl", "sm_scale", "item_rows_capacity", "chunk_first_config",
-                     "sequence_first_config"))
+                     "sequence_first_config", "mosaic_config"))
 def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_private_len,
                      row_items, row_num_items, item_chunks, item_num_chunks, item_row_begin,
                      item_row_end, item_slot, length_delta=0, impl: str = "xla",
                      sm_scale: float | None = None, item_rows_capacity: int | None = None,
                      chunk_first_config: ChunkFirstConfig | None = None,
-                     sequence_first_config: SequenceFirstConfig | None = None, partials=None):
+                     sequence_first_config: SequenceFirstConfig | None = None, partials=None,
+                     mosaic_config: mosaic_decode.MosaicConfig | None = None):
   """Decode attention of one query per row over a paged chunk pool, by two-phase partition.
 
   Args:
@@ -99,13 +103,15 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
     item_chunks: int32 [I, G]; item_num_chunks, item_row_begin, item_row_end, item_slot:
       int32 [I]. I may be 0 (no shared items).
     length_delta: int32 [] tokens appended to every live row since the plan was built.
-    impl: "pallas" | "pallas_interpret" | "xla" | "reference".
+    impl: "pallas" | "pallas_interpret" | "mosaic" | "mosaic_interpret" | "xla" | "reference".
     sm_scale: score scale (static), default 1/sqrt(d).
     item_rows_capacity: static upper bound on any item's row count (default R); smaller values
       shrink the chunk-first grid ("pallas") and the dense item blocks ("xla").
     chunk_first_config, sequence_first_config: Pallas tuning knobs (static; defaults per shape).
     partials: optional (o, lse) partial buffers for chunk-first to write into (tests poison
-      them with NaN to show that unwritten entries are never read).
+      them with NaN to show that unwritten entries are never read). Not with "mosaic*" (its
+      interpreter starts every output buffer as NaN instead).
+    mosaic_config: `mosaic_decode.MosaicConfig` knobs of the "mosaic*" kernels (static).
 
   Returns:
     q's shape and dtype; spare rows are zeros.
@@ -137,6 +143,20 @@ def two_phase_decode(q, k_pool, v_pool, *, num_rows, row_private_chunks, row_pri
     private_len = jnp.where(live, row_private_len + length_delta, 0).astype(jnp.int32)
     return _reference(q, k_pool, v_pool, private_len, row_private_chunks, row_items,
                       jnp.where(live, row_num_items, 0), item_chunks, item_num_chunks, sm_scale)
+  if impl.startswith("mosaic"):
+    if partials is not None:
+      raise ValueError(f"partials= is not supported by {impl=}")
+    if q.ndim != 3:
+      raise ValueError(f"{impl=} takes one new token per row (q [R, h, d]): {q.shape=}; use "
+                       f"impl='pallas' or 'xla' for rows of several tokens")
+    return mosaic_decode.mosaic_two_phase(
+        q, k_pool, v_pool, num_rows=num_rows, length_delta=length_delta,
+        row_private_chunks=row_private_chunks, row_private_len=row_private_len,
+        row_items=row_items, row_num_items=row_num_items, item_chunks=item_chunks,
+        item_num_chunks=item_num_chunks, item_row_begin=item_row_begin,
+        item_row_end=item_row_end, item_slot=item_slot, sm_scale=sm_scale,
+        item_rows_capacity=item_rows_capacity, config=mosaic_config,
+        interpret=impl == "mosaic_interpret")
   item_args = (item_chunks, item_num_chunks, item_row_begin, item_row_end, item_slot)
   row_args = (num_rows, length_delta, row_private_chunks, row_private_len)
   if impl == "xla":
