@@ -209,6 +209,8 @@ def test_trace_time_validation(rng):
     two_phase_decode(q16, k16, k16, **kw, impl="mosaic_interpret", partials=(None, None))
   with pytest.raises(ValueError, match="Pallas kernels support d"):
     check_mosaic(q16[..., :32], k16[..., :32], k16[..., :32])
+  with pytest.raises(ValueError, match="one new token per row"):  # q [R, T, h, d]
+    two_phase_decode(q16[:, None], k16, k16, **kw, impl="mosaic_interpret")
   for bad in (dict(block_n=48), dict(num_stages=1), dict(merge_stages=0), dict(num_stages=True)):
     with pytest.raises(ValueError, match=next(iter(bad))):
       MosaicConfig(**bad)
