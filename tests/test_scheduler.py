@@ -30,12 +30,12 @@ def test_admit_splits_batches_and_abort_puts_everything_back():
   s = _scheduler()
   system = list(range(8))
   finished = _add(s, 0, system + [50], n=1)
-  _commit(s, s.admit()[0])  # finishes at once: `system`'s 2 chunks stay cached
+  _commit(s, s.plan_prefill()[0])  # finishes at once: `system`'s 2 chunks stay cached
   assert finished.status == "finished" and s.tree.num_cached_chunks == 2
   reqs = [_add(s, 1, [60, 61]), _add(s, 2, system + [51]), _add(s, 3, system + [52, 53]),
           _add(s, 4, [70] * 9)]
   cached_before = sorted(s.tree.cached_slots())
-  batches = s.admit()
+  batches = s.plan_prefill()
   # 1 and 2 (reviving the cached prefix) fit one batch; 3 reuses chunks 2 revived, which hold
   # K/V already: it could join, but the batch is full; 4 goes with it.
   assert [[e.request.rid for e in b] for b in batches] == [[1, 2], [3, 4]]
@@ -46,7 +46,7 @@ def test_admit_splits_batches_and_abort_puts_everything_back():
   assert sorted(s.tree.cached_slots()) == cached_before  # the revived prefix is cached again
   assert len(s.tree) == 0 and s.tree.pool.num_used == 2
   s.check_consistency()
-  assert [[e.request.rid for e in b] for b in s.admit()] == [[1, 2], [3, 4]]
+  assert [[e.request.rid for e in b] for b in s.plan_prefill()] == [[1, 2], [3, 4]]
 
 
 def test_a_batch_never_reads_chunks_it_writes():
@@ -55,8 +55,9 @@ def test_a_batch_never_reads_chunks_it_writes():
   _add(s, 0, system + [1])
   _add(s, 1, system + [2])  # matches the chunks request 0 is about to compute
   _add(s, 2, [3, 4])
-  batches = s.admit()
+  batches = s.plan_prefill()
   assert [[e.request.rid for e in b] for b in batches] == [[0], [1, 2]]
+  _commit(s, batches[0])
   s.abort_prefill(batches[1:])  # as if the second call failed after the first committed
   assert [r.rid for r in s.waiting] == [1, 2]
   s.check_consistency()
@@ -65,7 +66,7 @@ def test_a_batch_never_reads_chunks_it_writes():
 def test_abort_decode_takes_the_pending_tokens_back():
   s = _scheduler()
   reqs = [_add(s, i, list(range(i, i + 3 + i))) for i in range(3)]  # lengths 3, 4, 5
-  for b in s.admit():
+  for b in s.plan_prefill():
     _commit(s, b)
   s.check_consistency()
   lengths = [s.tree.length(r.seq_id) for r in reqs]
@@ -86,7 +87,7 @@ def test_abort_decode_takes_the_pending_tokens_back():
 def test_pool_pressure_preempts_the_latest_admitted():
   s = _scheduler(n_chunks=4, cache_prefixes=False)
   a, b = _add(s, 0, list(range(7))), _add(s, 1, list(range(10, 17)))  # 2 chunks each
-  for batch in s.admit():
+  for batch in s.plan_prefill():
     _commit(s, batch)
   work = s.prepare_decode()  # both tails fill up (8 tokens): no new chunk needed
   s.commit_decode(work, np.asarray([1, 2]), None, now=0.0)
@@ -101,7 +102,7 @@ def test_pool_pressure_preempts_the_latest_admitted():
 def test_stop_keeps_only_delivered_tokens():
   s = _scheduler()
   req = _add(s, 0, [1, 2, 3], n=8)
-  _commit(s, s.admit()[0])
+  _commit(s, s.plan_prefill()[0])
   s.commit_decode(s.prepare_decode(), np.asarray([9]), None, now=0.0)
   req.num_delivered = 1  # the second token's event was not delivered yet
   s.stop(req, "cancelled", now=2.0)
