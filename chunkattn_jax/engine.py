@@ -6,17 +6,21 @@
       print(event.request_id, event.token)
 
 Each `step()`:
-1. admits waiting requests (FIFO) while the batch has room and the pool can hold them: the prompt
-   is inserted into the prefix tree and only its unmatched suffix is prefilled (the matched full
-   chunks' K/V is read from the pool), up to `max_prefill_batch` requests per model call (a request
-   whose matched chunks the current batch has yet to compute waits for the next call); the first
-   token is sampled from the prefill logits;
-2. decodes one token for every running request: the pending tokens are appended to the tree, the
-   decode plan is refreshed (rebuilt only when the tree's structure changed), and one jitted step
-   runs the model over the plan's rows (padded to the plan's row capacity, so the step recompiles
-   only when a capacity crosses a power of two);
+1. prefills: admits waiting requests (FIFO) while the batch has room and the pool can hold them:
+   the prompt is inserted into the prefix tree and only its unmatched suffix is prefilled (the
+   matched full chunks' K/V is read from the pool), up to `max_prefill_batch` requests per model
+   call (a request whose matched chunks the current batch has yet to compute waits for the next
+   call); the first token is sampled from the prefill logits. With `max_prefill_tokens` (chunked
+   prefill) the step computes at most that many prompt tokens: a longer prompt is prefilled in
+   pieces over several steps (the next piece of a prompt in progress goes first), and its first
+   token comes from its last piece;
+2. decodes one token for every running request whose prefill is complete: the pending tokens are
+   appended to the tree, the decode plan is refreshed (rebuilt only when the tree's structure
+   changed), and one jitted step runs the model over the plan's rows (padded to the plan's row
+   capacity, so the step recompiles only when a capacity crosses a power of two);
 3. finishes requests on a stop id, `max_new_tokens` or the context limit and frees their
    sequences; then delivers each new token (callbacks, the returned events, `stream()`).
+   `last_step` says what the step computed.
 
 The host bookkeeping is `scheduler.Scheduler`'s, the device calls `model_runner.ModelRunner`'s.
 Each model call is a transaction: the scheduler plans it (tree inserts / appends), the runner
@@ -38,11 +42,11 @@ commit, the plan is undone. Callbacks run after every commit of the step. The er
 * `step`, `run`, `stream` and `generate` from a callback (or from the policy or clock), and
   `submit` / `cancel` from the policy or clock, raise `ReentrantCallError` before changing anything.
 
-Pool pressure: admission waits when the prompt does not fit; a decode step that needs new chunks
-first lets the tree evict cached prefixes (LRU), then preempts the most recently admitted running
-request, which goes back to the front of the queue and is recomputed later from its prompt plus the
-tokens it already produced (its output continues unchanged; sampling keys depend only on the
-request).
+Pool pressure: admission waits when the prompt does not fit; a decode step or a prefill piece that
+needs new chunks first lets the tree evict cached prefixes (LRU), then preempts the most recently
+admitted running request (a request still prefilling is always the latest), which goes back to the
+front of the queue and is recomputed later from its prompt plus the tokens it already produced (its
+output continues unchanged; sampling keys depend only on the request).
 
 Prefix cache: finished requests are removed from the tree with `keep_cached=True`, so their full
 chunks (prompt and generated text) stay in the pool as cached chunks that later prompts match and
@@ -72,7 +76,8 @@ from chunkattn_jax.model_runner import PLAN_CAPACITY_NAMES, ModelRunner
 from chunkattn_jax.prefix_tree import check_chunk_size
 from chunkattn_jax.scheduler import Request, Scheduler, TokenEvent
 
-__all__ = ["Engine", "EngineConfig", "ReentrantCallError", "RequestError", "TokenEvent", "demo"]
+__all__ = ["Engine", "EngineConfig", "ReentrantCallError", "RequestError", "StepStats", "TokenEvent",
+           "demo"]
 
 KV_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -109,6 +114,13 @@ class EngineConfig:
     cache_prefixes: keep finished requests' full chunks cached (evicted LRU when space is needed).
     min_prefill_tokens: smallest prefill token bucket (prefill lengths are padded to powers of
       two), >= 1.
+    max_prefill_tokens: chunked prefill: the most prompt tokens a step computes, over all its
+      prefill pieces (tokens found in the prefix cache do not count); a longer prompt is
+      prefilled in pieces over several steps, each followed by the step's decode of the running
+      requests, so one long prompt delays the others' next token by at most this many tokens of
+      compute (SGLang's `chunked_prefill_size`; vLLM's `max_num_batched_tokens` counts the decode
+      tokens too). None (default): unchunked, every admitted prompt is prefilled in its step.
+      >= 1; a multiple of `chunk_size` keeps pieces on chunk boundaries (any value is exact).
     kv_dtype: pool dtype, one of `KV_DTYPES` (None: the model's compute dtype); stored as its name.
     min_plan_capacities: smallest decode-plan capacities `(R, P, K, I, M)` (powers of two, see
       `plan.plan_capacities`; 0 or missing: no minimum). The engine pads every plan up to the
@@ -129,6 +141,7 @@ class EngineConfig:
   min_row_capacity: int = 8
   cache_prefixes: bool = True
   min_prefill_tokens: int = 16
+  max_prefill_tokens: int | None = None
   kv_dtype: str | None = None
   min_plan_capacities: tuple = ()
   record_logits: bool = False
@@ -143,6 +156,10 @@ class EngineConfig:
       check_chunk_size(self.chunk_size)
     except ValueError as e:
       raise ValueError(f"{f('chunk_size')}: {e}") from None
+    if self.max_prefill_tokens is not None:
+      object.__setattr__(self, "max_prefill_tokens",
+                         checks.check_int(self.max_prefill_tokens, f("max_prefill_tokens"),
+                                          min_value=1))
     checks.check_callable(self.policy, f("policy"))
     checks.check_power_of_two(self.max_chunks_per_item, f("max_chunks_per_item"))
     if self.fill is not None and not isinstance(self.fill, GpuFill):
@@ -170,6 +187,24 @@ class EngineConfig:
     object.__setattr__(self, "min_plan_capacities", tuple(int(c) for c in caps))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+  """What one `step()` computed (`Engine.last_step`); a failed step counts what it committed.
+
+  Attributes:
+    prefill_tokens: prompt tokens computed (at most `max_prefill_tokens`).
+    prefill_pieces: prefill pieces computed (one per request prefilled, whole or in part).
+    prefill_calls: prefill model calls.
+    decode_rows: requests decoded (0: no decode step ran).
+    num_prefilling: requests whose prefill is still in progress after the step.
+  """
+  prefill_tokens: int = 0
+  prefill_pieces: int = 0
+  prefill_calls: int = 0
+  decode_rows: int = 0
+  num_prefilling: int = 0
+
+
 class Engine:
   """Continuous-batching generation over a prefix tree + chunk pool + `KVPool`.
 
@@ -188,6 +223,7 @@ class Engine:
     tree, plans, pool: the scheduler's tree and plan builder, the runner's KV pool.
     stats: counters (admission waits, evictions, preemptions, pool resets, prefill / decode calls
       and tokens).
+    last_step: `StepStats` of the latest `step()`.
   """
 
   def __init__(self, model, config: EngineConfig = EngineConfig(), *, pool_sharding=None,
@@ -218,6 +254,7 @@ class Engine:
     self._delivered: list[TokenEvent] = []  # delivered (callback run), not yet returned by step()
     self._phase: str | None = None  # "compute" (plan, model call, commit) | "deliver" | None
     self._commit_time = 0.0  # clock of the last commit: the finish time of a failed callback
+    self.last_step = StepStats()
 
   @property
   def pool(self):
@@ -272,12 +309,16 @@ class Engine:
     return rid
 
   def step(self) -> list[TokenEvent]:
-    """One engine iteration (admit + prefill, then one decode step); returns the new tokens,
+    """One engine iteration (prefill pieces, then one decode step); returns the new tokens,
     after running their callbacks. Raises what a model call raised, with the engine consistent
     (see the module docstring), and `ReentrantCallError` when called from inside a step."""
     with self._phase_of_step():
-      self._prefill()
-      self._decode()
+      before = self.stats.copy()
+      try:
+        self._prefill()
+        self._decode()
+      finally:
+        self.last_step = self._step_stats(before)
       self._phase = "deliver"
       self._deliver()
     events, self._delivered = self._delivered, []
@@ -323,9 +364,11 @@ class Engine:
 
   def request_info(self, request_id: int) -> dict:
     """Status, finish reason (and the callback's exception if it is "error"), timings and cache
-    statistics of a request."""
+    statistics of a request. A "running" request is `prefilling` until its whole prompt (and,
+    after a preemption, its output) is computed; `num_prefilled` tokens of it are, meanwhile."""
     r = self._get(request_id)
-    return dict(status=r.status, finish_reason=r.finish_reason, error=r.error,
+    return dict(status=r.status, prefilling=r.prefilling, num_prefilled=r.num_prefilled,
+                finish_reason=r.finish_reason, error=r.error,
                 num_generated=len(r.output), prompt_len=len(r.prompt),
                 num_preemptions=r.num_preemptions, num_cached=r.num_cached_at_admission,
                 submit_time=r.submit_time, first_token_time=r.first_token_time,
@@ -343,6 +386,7 @@ class Engine:
     self._stop(req, "cancelled")
 
   def num_running(self) -> int:
+    """Admitted requests (decoding, or prefilling a prompt in pieces)."""
     return len(self.scheduler.running)
 
   def num_waiting(self) -> int:
@@ -365,7 +409,7 @@ class Engine:
 
   # ------------------------------------------------------------------ the step transaction
   def _prefill(self) -> None:
-    batches = self.scheduler.admit()
+    batches = self.scheduler.plan_prefill()
     for i, batch in enumerate(batches):
       resets = self.runner.num_pool_resets
       try:
@@ -393,6 +437,12 @@ class Engine:
       raise
     self._outbox.extend(self.scheduler.commit_decode(work, tokens, logits, now))
     self._commit_time = now
+
+  def _step_stats(self, before: collections.Counter) -> StepStats:
+    delta = lambda key: self.stats[key] - before[key]  # pylint: disable=unnecessary-lambda-assignment
+    return StepStats(prefill_tokens=delta("prefill_tokens"), prefill_pieces=delta("prefill_pieces"),
+                     prefill_calls=delta("prefill_calls"), decode_rows=delta("decode_rows"),
+                     num_prefilling=sum(r.prefilling for r in self.scheduler.running.values()))
 
   def _after_failure(self, resets_before: int) -> None:
     if self.runner.num_pool_resets != resets_before:  # every chunk's K/V is gone

@@ -56,7 +56,9 @@ class ModelRunner:
 
   # ------------------------------------------------------------------ model calls
   def prefill(self, batch: Sequence[PrefillEntry]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Computes the unmatched suffix of every entry and samples each one's next token.
+    """Computes every entry's tokens `[num_cached, len(tokens))` (the unmatched suffix, or one
+    piece of it under chunked prefill) and samples each one's next token from its last position
+    (the engine keeps it only for a request's last piece).
 
     Sequences and tokens are padded to powers of two so few shapes compile; padding sequences
     repeat the first one with their writes dropped.

@@ -259,6 +259,174 @@ def test_demo_helper():
   assert [r["cached_prompt_tokens"] for r in rows] == [0, 48, 48]
 
 
+# ---------------------------------------------------------------------- chunked prefill
+def _long_prompts(seed):
+  """`_prompts` plus prompts longer than any budget below: one sharing the 21-token system prompt
+  (46 tokens) and an unrelated one (30)."""
+  rng = np.random.default_rng(100 + seed)
+  prompts = _prompts(seed)
+  return prompts + [prompts[0][:21] + rng.integers(0, V, 25).tolist(),
+                    rng.integers(0, V, 30).tolist()]
+
+
+def _serve(eng, prompts, n, arrivals, on_step=None):
+  """Submits prompt i before step `arrivals[i]`, steps until done; checks the engine after every
+  step and that no step computes more prompt tokens than the budget. Returns the request ids and
+  each step's `last_step`."""
+  rids, steps, budget = [None] * len(prompts), [], eng.config.max_prefill_tokens
+  for step in range(1000):
+    for i, t in enumerate(arrivals):
+      if t == step:
+        rids[i] = eng.submit(prompts[i], n)
+    if not eng.has_work() and step > max(arrivals):
+      return rids, steps
+    events = eng.step()
+    eng.check_consistency()
+    steps.append(eng.last_step)
+    assert budget is None or eng.last_step.prefill_tokens <= budget
+    if on_step is not None:
+      on_step(events)
+  raise AssertionError("the engine did not finish")
+
+
+_UNCHUNKED = {}
+
+
+def _unchunked(model, cfg, prompts, n, arrivals):
+  key = (cfg, tuple(map(tuple, prompts)), n, tuple(arrivals))
+  if key not in _UNCHUNKED:
+    eng = Engine(model, cfg)
+    rids, _ = _serve(eng, prompts, n, arrivals)
+    _UNCHUNKED[key] = [(eng.result(r), np.stack(eng.request_info(r)["logits"])) for r in rids]
+  return _UNCHUNKED[key]
+
+
+@pytest.mark.parametrize("budget", [3, 4, 10])
+def test_chunked_prefill_equals_unchunked_under_preemption(model, budget):
+  """Staggered arrivals, shared prefixes, prompts shorter and longer than the budget, pieces
+  ending off chunk boundaries (3, 10 with c = 4), a pool small enough to preempt requests in the
+  middle of their prefill: the same tokens (and logits) as the unchunked engine, and as a dense
+  cache, with at most `budget` prompt tokens computed per step."""
+  prompts = _long_prompts(seed=2)
+  arrivals = [0, 0, 0, 4, 5, 5, 6]
+  cfg = EngineConfig(n_chunks=17, chunk_size=4, record_logits=True, pool_seed=1)
+  ref = _unchunked(model, cfg, prompts, 11, arrivals)
+  eng = Engine(model, dataclasses.replace(cfg, max_prefill_tokens=budget))
+  preempted_while_prefilling = []
+  preempt = eng.scheduler.preempt
+
+  def counting_preempt(req):
+    preempted_while_prefilling.append(req.prefilling)
+    preempt(req)
+  eng.scheduler.preempt = counting_preempt
+  rids, steps = _serve(eng, prompts, 11, arrivals)
+  for rid, (toks, logits) in zip(rids, ref):
+    assert eng.result(rid) == toks and len(toks) == 11  # nothing dropped
+    assert eng.request_info(rid)["finish_reason"] == "length"
+    np.testing.assert_allclose(np.stack(eng.request_info(rid)["logits"]), logits, atol=LOGIT_ATOL)
+  for rid, p in zip(rids[-2:], prompts[-2:]):
+    assert eng.result(rid) == dense_baseline.generate(model, p, 11)[0]
+  assert any(s.num_prefilling for s in steps) and max(s.prefill_tokens for s in steps) == budget
+  assert any(preempted_while_prefilling) and eng.stats["admission_waits"] > 0
+  assert eng.stats["prefill_pieces"] > eng.stats["prefill_calls"] > len(prompts)
+  assert eng.tree.pool.num_used == eng.tree.num_cached_chunks
+
+
+def test_decode_is_interleaved_with_a_long_prefill(model):
+  """While a 46-token prompt is prefilled 8 tokens a step, the running request gets a token every
+  step; the long one gets none until its last piece. Unchunked, its admission step computes all
+  46 tokens before anyone's next token."""
+  prompts = _long_prompts(seed=3)
+  short, long_ = prompts[3], prompts[5]  # unrelated: nothing of the long prompt is cached
+  chunked = Engine(model, EngineConfig(n_chunks=64, chunk_size=4, max_prefill_tokens=8))
+  a = chunked.submit(short, 12)
+  first = [chunked.step(), chunked.step()]  # 11 tokens: pieces of 8 and 3, then a decodes
+  assert [[e.request_id for e in ev] for ev in first] == [[], [a, a]]
+  b = chunked.submit(long_, 4)
+  per_step = []
+  for _ in range(6):
+    events = chunked.step()
+    chunked.check_consistency()
+    per_step.append(([e.request_id for e in events], chunked.last_step))
+  # Pieces of 8, 8, 8, 8, 8, 6 tokens, a decode of `a` after each; b's first token comes from its
+  # last piece, and b decodes in that same step.
+  assert [ids for ids, _ in per_step] == [[a]] * 5 + [[b, a, b]]
+  assert [st.prefill_tokens for _, st in per_step] == [8, 8, 8, 8, 8, 6]
+  assert [st.num_prefilling for _, st in per_step] == [1, 1, 1, 1, 1, 0]
+  assert [st.decode_rows for _, st in per_step] == [1, 1, 1, 1, 1, 2]
+  info = chunked.request_info(b)
+  assert info["status"] == "running" and not info["prefilling"]
+  list(chunked.run())
+  assert chunked.result(a) == dense_baseline.generate(model, short, 12)[0]
+  assert chunked.result(b) == dense_baseline.generate(model, long_, 4)[0]
+  unchunked = Engine(model, EngineConfig(n_chunks=64, chunk_size=4))
+  a = unchunked.submit(short, 12)
+  unchunked.step()
+  unchunked.submit(long_, 4)
+  unchunked.step()
+  assert unchunked.last_step.prefill_tokens == len(long_)
+  assert unchunked.last_step.prefill_pieces == 1 and unchunked.last_step.num_prefilling == 0
+  assert unchunked.result(a) == chunked.result(a)[:3]
+
+
+def test_cancel_while_prefilling(model):
+  """Cancelling a request in the middle of its prefill frees its chunks at once; the other request
+  is unaffected."""
+  prompts = _long_prompts(seed=4)
+  eng = Engine(model, EngineConfig(n_chunks=64, chunk_size=4, max_prefill_tokens=8,
+                                   cache_prefixes=False))
+  a = eng.submit(prompts[3], 6)  # 11 tokens: pieces of 8 and 3
+  b = eng.submit(prompts[6], 6)  # 30 tokens: 5 after a's last piece, then 8, 8, 8, 1
+  eng.step()
+  eng.step()
+  eng.step()
+  info = eng.request_info(b)
+  assert info["status"] == "running" and info["prefilling"] and info["num_prefilled"] == 13
+  used = eng.tree.pool.num_used
+  eng.cancel(b)
+  eng.check_consistency()
+  assert eng.tree.pool.num_used == used - 4  # b's 13 tokens: 4 chunks
+  assert eng.result(b) == [] and eng.request_info(b)["finish_reason"] == "cancelled"
+  list(eng.run())
+  assert eng.result(a) == dense_baseline.generate(model, prompts[3], 6)[0]
+  assert eng.tree.pool.num_used == 0
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_failed_piece_rolls_back_only_that_piece(model, when):
+  """A prefill piece's model call raising before it ran: that piece is undone, the earlier ones
+  stay and the request goes on prefilling; after it ran (the donated pool is lost): everything is
+  recomputed. Either way the tokens are the unchunked engine's."""
+  prompts = _long_prompts(seed=5)
+  picked = [prompts[3], prompts[6]]  # 11 and 30 tokens
+  ref = _reference(model, picked, 5)
+  eng = Engine(model, dataclasses.replace(CFG, max_prefill_tokens=8))
+  rids = [eng.submit(p, 5) for p in picked]
+  eng.step()  # 8 tokens of prompt 0
+  eng.step()  # its last 3, then 5 of prompt 1
+  assert eng.request_info(rids[1])["num_prefilled"] == 5
+  real = eng.runner.prefill_step
+
+  def failing(*args):
+    eng.runner.prefill_step = real
+    if when == "after":
+      real(*args)
+    raise MemoryError("device out of memory")
+  eng.runner.prefill_step = failing
+  out = eng.result(rids[0])
+  with pytest.raises(MemoryError):
+    eng.step()
+  eng.check_consistency()
+  assert eng.result(rids[0]) == out
+  info = eng.request_info(rids[1])
+  if when == "before":
+    assert info["status"] == "running" and info["prefilling"] and info["num_prefilled"] == 5
+  else:
+    assert info["status"] == "waiting" and eng.num_waiting() == 2 and eng.tree.pool.num_used == 0
+  list(eng.run())
+  assert [eng.result(r) for r in rids] == ref
+
+
 # ---------------------------------------------------------------------- the error contract
 # These use only the public API (the fault-injection suite, tests/test_engine_faults.py, covers the
 # same ground at random points).
@@ -478,6 +646,11 @@ def test_failed_model_call_rolls_the_step_back(model, phase, when):
     ("record_logits", "yes", "record_logits"), ("pool_seed", -1, "pool_seed"),
     ("min_plan_capacities", (8, 3), "power of two"), ("min_plan_capacities", (8,) * 6, "at most"),
     ("min_plan_capacities", 8, "tuple"),
+    ("max_prefill_tokens", 0, r"max_prefill_tokens .*got 0"),
+    ("max_prefill_tokens", -8, r"max_prefill_tokens .*got -8"),
+    ("max_prefill_tokens", 2.0, r"max_prefill_tokens .*got 2\.0"),
+    ("max_prefill_tokens", "8", r"max_prefill_tokens .*got '8'"),
+    ("max_prefill_tokens", True, r"max_prefill_tokens .*got True"),
 ])
 def test_engine_config_rejects_bad_values(field, value, match):
   """Checked at construction (before: max_batch=0 made run() spin forever; threshold=0, a
@@ -492,6 +665,7 @@ def test_engine_config_types_and_normalisation():
     EngineConfig(policy=5)
   assert EngineConfig(kv_dtype=jnp.bfloat16).kv_dtype == "bfloat16"
   assert EngineConfig(min_plan_capacities=[8, np.int64(4)]).min_plan_capacities == (8, 4)
+  assert type(EngineConfig(max_prefill_tokens=np.int64(8)).max_prefill_tokens) is int
   with pytest.raises(TypeError, match="EngineConfig"):
     Engine(None, config=dict(n_chunks=8))
 

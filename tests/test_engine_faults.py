@@ -10,13 +10,15 @@ unrelated one; greedy and sampled requests) on the tiny model, with faults drawn
 * the model step raising before the device call, after it (the donated pool is lost: everything is
   recomputed) or when its tokens are fetched (the step's new pool is kept);
 * the sharing policy raising while the decode plan is built;
-* a pool small enough that admission waits, cached prefixes are evicted and requests preempted.
+* a pool small enough that admission waits, cached prefixes are evicted and requests preempted;
+* on odd seeds, chunked prefill (`max_prefill_tokens=5`): prompts are prefilled in pieces over
+  several steps, so faults and preemptions also hit requests in the middle of their prefill.
 
 After every step, failed or not, the engine is checked: tree invariants, every request in exactly
 one place, the tree holding exactly each running request's prompt and output. At the end every
 request finished; the events `step()` returned for it are its output, in order, each once, and its
 callback saw the same events; a request that was neither cancelled nor failed has exactly the
-tokens of an undisturbed run, the others a prefix of them.
+tokens of an undisturbed (and unchunked) run, the others a prefix of them.
 """
 
 import collections
@@ -94,9 +96,10 @@ def _workload(seed):
   return reqs[: len(prompts)], reqs[len(prompts):]
 
 
-def _config(policy=None):
+def _config(policy=None, max_prefill_tokens=None):
   return EngineConfig(n_chunks=N_CHUNKS, chunk_size=C, max_batch=8, max_prefill_batch=4,
-                      min_prefill_tokens=16, min_plan_capacities=PLAN_CAPS, policy=policy)
+                      min_prefill_tokens=16, min_plan_capacities=PLAN_CAPS, policy=policy,
+                      max_prefill_tokens=max_prefill_tokens)
 
 
 _REFERENCES = {}
@@ -147,7 +150,9 @@ def _run_with_faults(model, seed, reference, reqs, spare):
     faults.maybe_raise("policy")
     return num_rows > 1  # what threshold=1 decides
 
-  eng = Engine(model, _config(policy))
+  # Odd seeds prefill in pieces of at most 5 tokens (off chunk boundaries; every prompt has 8-13):
+  # their tokens must still be the unchunked reference's.
+  eng = Engine(model, _config(policy, max_prefill_tokens=5 if seed % 2 else None))
   _inject_device_faults(eng, faults)
   seen = collections.defaultdict(list)   # rid -> events its callback got
   returned = collections.defaultdict(list)  # rid -> events step() returned
@@ -176,7 +181,7 @@ def _run_with_faults(model, seed, reference, reqs, spare):
   for k, spec in enumerate(reqs[:4]):
     submit(k, spec)
   late = list(enumerate(reqs))[4:]
-  failures = 0
+  failures = prefilling_steps = 0
   for step in range(400):
     if not eng.has_work() and not late:
       break
@@ -188,6 +193,9 @@ def _run_with_faults(model, seed, reference, reqs, spare):
       failures += 1
       events = []
     eng.check_consistency()
+    budget = eng.config.max_prefill_tokens
+    assert budget is None or eng.last_step.prefill_tokens <= budget, (seed, eng.last_step)
+    prefilling_steps += eng.last_step.num_prefilling > 0
     for ev in events:
       returned[ev.request_id].append(ev)
   else:
@@ -211,11 +219,13 @@ def _run_with_faults(model, seed, reference, reqs, spare):
       assert (out, info["finish_reason"]) == (ref_tokens, ref_reason), (seed, rid)
       assert evs[-1].finish_reason == ref_reason
   assert eng.tree.pool.num_used == eng.tree.num_cached_chunks  # only the prefix cache is left
-  return faults.count, failures, eng.stats
+  return faults.count, failures, eng.stats + collections.Counter(
+      steps_ending_prefilling=prefilling_steps)
 
 
 def test_random_faults_over_many_seeds(model):
   totals, failures, preemptions, resets = collections.Counter(), 0, 0, 0
+  chunked_prefilling_steps = 0
   for seed in range(NUM_RUNS):
     reqs, spare = _workload(seed % 16)
     reference = _reference(model, seed % 16, reqs + spare)
@@ -224,6 +234,8 @@ def test_random_faults_over_many_seeds(model):
     failures += n_failed
     preemptions += stats["preemptions"]
     resets += stats["pool_resets"]
+    if seed % 2:
+      chunked_prefilling_steps += stats["steps_ending_prefilling"]
   print(f"\n{NUM_RUNS} runs, {sum(totals.values())} faults {dict(sorted(totals.items()))}, "
         f"{failures} failed steps, {preemptions} preemptions, {resets} pool resets")
   # Every kind of fault happened and the pool was under pressure.
@@ -231,4 +243,6 @@ def test_random_faults_over_many_seeds(model):
                          "callback_cancel", "callback_submit", "callback_error",
                          "callback_interrupt"}
   assert preemptions > 0 and resets > 0
+  # The chunked runs did leave prompts part-prefilled between steps.
+  assert chunked_prefilling_steps > 0
 

@@ -34,7 +34,7 @@ def _batch(prompts):
   s = Scheduler(CFG, 512, collections.Counter())
   for i, p in enumerate(prompts):
     s.add(Request(i, p, 4, frozenset(), GREEDY, None))
-  (batch,) = s.admit()
+  (batch,) = s.plan_prefill()
   return batch
 
 
