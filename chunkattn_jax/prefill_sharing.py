@@ -13,8 +13,8 @@ products once instead of four times. The price is a second kernel and one fp32 p
 `plan_prefill_sharing` decides per group of sequences with a byte count (per KV head):
 
 * saved: `(blocks_alone - blocks_packed) * L * c * d * 2 * itemsize` of K/V, where `blocks_alone =
-  sum_s ceil(num_tokens[s] / (block_m / g))` and `blocks_packed = ceil(n * T * g / block_m)` (the
-  shared pass packs each sequence's `T` rows, padding included);
+  sum_s ceil(num_tokens[s] / (block_m / g))` and `blocks_packed = ceil(sum_s num_tokens[s] * g /
+  block_m)` (the shared pass packs the valid tokens of the item's sequences back to back);
 * cost: `sum_s num_tokens[s] * g * (d + 1) * 4 * 2` partial bytes, plus `overhead_bytes` for the
   extra launch.
 
@@ -87,27 +87,27 @@ class SharingCost:
     block_t = max(1, self.block_m // self.group_size)
     return int(sum(math.ceil(int(n) / block_t) for n in num_tokens))
 
-  def blocks_packed(self, num_seqs: int, tokens: int) -> int:
-    return math.ceil(num_seqs * tokens * self.group_size / self.block_m)
+  def blocks_packed(self, num_tokens) -> int:
+    return math.ceil(sum(int(n) for n in num_tokens) * self.group_size / self.block_m)
 
-  def value(self, num_tokens, tokens: int, num_chunks: int, chunk_size: int) -> float:
+  def value(self, num_tokens, num_chunks: int, chunk_size: int) -> float:
     """Bytes saved minus bytes added by sharing `num_chunks` chunks among sequences with
-    `num_tokens` new tokens each (padded to `tokens`)."""
-    saved_blocks = self.blocks_alone(num_tokens) - self.blocks_packed(len(num_tokens), tokens)
+    `num_tokens` new tokens each."""
+    saved_blocks = self.blocks_alone(num_tokens) - self.blocks_packed(num_tokens)
     saved = saved_blocks * num_chunks * chunk_size * self.head_dim * 2 * self.itemsize
     cost = (sum(int(n) for n in num_tokens) * self.group_size * (self.head_dim + 1) * 8
             + self.overhead_bytes)
     return saved - cost
 
 
-def plan_prefill_sharing(chunk_paths, positions, num_tokens=None, *, chunk_size: int,
+def plan_prefill_sharing(positions, chunk_paths, num_tokens=None, *, chunk_size: int,
                          cost: SharingCost = SharingCost(), item_capacity: int | None = None
                          ) -> PrefillSharing | None:
   """Shared-prefix items for one prefill call, or None when sharing does not pay anywhere.
 
   Args:
-    chunk_paths: int `[S, Pc]` each sequence's pool slots, root to leaf (as `PrefillInputs`).
-    positions: int `[S, T]` positions of the new tokens.
+    positions: int `[S, T]` positions of the new tokens (as `PrefillInputs`).
+    chunk_paths: int `[S, Pc]` each sequence's pool slots, root to leaf.
     num_tokens: int `[S]` valid new tokens per sequence (default `T`); sequences with none take
       no part.
     chunk_size: c.
@@ -118,7 +118,7 @@ def plan_prefill_sharing(chunk_paths, positions, num_tokens=None, *, chunk_size:
   Returns:
     `PrefillSharing` (NumPy int32 arrays) or None.
   """
-  chunk_paths, positions = np.asarray(chunk_paths), np.asarray(positions)
+  chunk_paths, positions = np.asarray(chunk_paths), np.asarray(positions, np.int64)
   S, T = positions.shape
   num_tokens = np.full(S, T) if num_tokens is None else np.asarray(num_tokens)
   valid = np.arange(T)[None, :] < num_tokens[:, None]
@@ -132,7 +132,7 @@ def plan_prefill_sharing(chunk_paths, positions, num_tokens=None, *, chunk_size:
     paths = chunk_paths[members, :limit]
     same = (paths == paths[:1]).all(axis=0)
     L = depth + int(np.argmin(same[depth:])) if not same[depth:].all() else limit
-    own = cost.value(num_tokens[members], T, L, chunk_size) if L > 0 else -math.inf
+    own = cost.value(num_tokens[members], L, chunk_size) if L > 0 else -math.inf
     parent = (own, [(members, L)]) if own > 0 else (0.0, [])
     # Subgroups: split at chunk L by slot (members whose cached prefix ends at L stay out).
     groups: dict[int, list[int]] = {}

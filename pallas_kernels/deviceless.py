@@ -418,9 +418,10 @@ def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 
 
 def prefill_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, seqs: int = 2,
                  tokens: int = 1024, path_chunks: int | None = None, items: int = 0,
-                 n_chunks: int = 4096, config=None):
+                 both: bool = False, n_chunks: int = 4096, config=None):
   """`prefill_attention` (Pallas) at the given shapes; `items > 0` adds the shared-prefix pass
-  (two kernels). `config` is a dict of `PrefillConfig` knobs (default: the heuristic)."""
+  (two kernels); `both` compiles the call with and without the items in one program (three
+  kernels). `config` is a dict of `PrefillConfig` knobs (default: the heuristic)."""
   import jax
   import jax.numpy as jnp
 
@@ -438,8 +439,11 @@ def prefill_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, seqs: int =
   names = list(shared)
 
   def call(q, k_pool, v_pool, positions, chunk_paths, num_tokens, *item_arrays):
-    return fn(q, k_pool, v_pool, positions, chunk_paths, num_tokens,
-              **dict(zip(names, item_arrays)))
+    out = fn(q, k_pool, v_pool, positions, chunk_paths, num_tokens,
+             **dict(zip(names, item_arrays)))
+    if both:
+      return out, fn(q, k_pool, v_pool, positions, chunk_paths, num_tokens)
+    return out
 
   pool = jax.ShapeDtypeStruct((n_chunks, h_kv, c, d), dt)
   return call, (jax.ShapeDtypeStruct((S, T, h, d), dt), pool, pool, i32(S, T), i32(S, Pc),

@@ -19,9 +19,9 @@ partial tiles at either end (the diagonal, and the first tile after the shared p
 
 Shared prefix (optional, two kernels): a work *item* is a run of ``L`` full cached chunks at the
 start of the paths of several sequences of the call. `shared_prefix` attends the queries of all the
-item's sequences, packed into common row blocks, to those chunks (read once per row block instead
-of once per sequence block), and writes per (token, query head) a normalised partial output and its
-log-sum-exp (base 2), fp32. The main kernel then starts such a sequence at key ``L * c`` with its
+item's sequences, their valid tokens packed back to back into common row blocks, to those chunks
+(read once per row block instead of once per block of each sequence), and writes per (token, query
+head) a normalised partial output and its log-sum-exp (base 2), fp32. The main kernel then starts such a sequence at key ``L * c`` with its
 running state initialised from the partial. Every key of the item must precede every new token of
 its sequences (cached chunks do), so the shared pass needs no causal mask.
 
@@ -158,11 +158,17 @@ class _KeyWalker:
                              0), axis=1)
     return (slot * self.h_kv + self.j) * c + off
 
-  def _step(self, carry, rows, mask):
+  def _step(self, carry, rows, mask, key_ok=None):
+    """One tile; `key_ok` [block_n]: keys to load at all (masked tiles: none past the block's last
+    position, whose K/V may be stale or unwritten; a 0 * NaN would poison the output)."""
     o, m, l = carry
     col = jnp.arange(self.d)[None, :]
-    kt = plgpu.load(self.k_ref.at[rows[:, None], col])  # [block_n, d]
-    vt = plgpu.load(self.v_ref.at[rows[:, None], col])
+    if key_ok is None:
+      kt = plgpu.load(self.k_ref.at[rows[:, None], col])  # [block_n, d]
+      vt = plgpu.load(self.v_ref.at[rows[:, None], col])
+    else:
+      kt = plgpu.load(self.k_ref.at[rows[:, None], col], mask=key_ok[:, None], other=0.0)
+      vt = plgpu.load(self.v_ref.at[rows[:, None], col], mask=key_ok[:, None], other=0.0)
     s = plgpu.dot(self.q, kt, trans_b=True, precision=self.precision) * self.qk_scale
     if mask is not None:
       s = jnp.where(mask, s, NEG)
@@ -189,9 +195,9 @@ class _KeyWalker:
 
     return lax.fori_loop(lo // tpb, pl.cdiv(hi, tpb), block, carry)
 
-  def masked_tiles(self, carry, lo, hi, key_lo, key_hi):
-    """Tiles [lo, hi) with keys masked to key_lo <= key <= key_hi[row] (few tiles: the slots are
-    read inside the loop)."""
+  def masked_tiles(self, carry, lo, hi, key_lo, key_hi, last_key):
+    """Tiles [lo, hi) with keys masked to key_lo <= key <= key_hi[row]; keys past `last_key` (the
+    largest key_hi of a live row) are not loaded. Few tiles: the slots are read inside the loop."""
     tok = jnp.arange(self.block_n)
     per_tile = max(1, self.block_n // self.c)
 
@@ -199,8 +205,9 @@ class _KeyWalker:
       first_chunk = (n * self.block_n) // self.c
       slots = self._slots(first_chunk, per_tile)
       key = n * self.block_n + tok
-      mask = (key >= key_lo)[None, :] & (key[None, :] <= key_hi[:, None])
-      return self._step(carry, self._rows(n, slots, first_chunk), mask)
+      key_ok = (key >= key_lo) & (key <= last_key)
+      mask = key_ok[None, :] & (key[None, :] <= key_hi[:, None])
+      return self._step(carry, self._rows(n, slots, first_chunk), mask, key_ok)
 
     return lax.fori_loop(lo, hi, body, carry)
 
@@ -213,9 +220,9 @@ class _KeyWalker:
     first = key_lo // bn
     full_lo = jnp.minimum(pl.cdiv(key_lo, bn), n_total)  # first tile starting at or after key_lo
     full_hi = jnp.maximum(full_lo, jnp.minimum((lo_min + 1) // bn, n_total))  # tiles all rows see
-    carry = self.masked_tiles(carry, first, full_lo, key_lo, key_hi)  # head: key_lo inside a tile
+    carry = self.masked_tiles(carry, first, full_lo, key_lo, key_hi, hi_max)  # key_lo mid-tile
     carry = self.full_tiles(carry, full_lo, full_hi)
-    return self.masked_tiles(carry, full_hi, n_total, key_lo, key_hi)  # the diagonal
+    return self.masked_tiles(carry, full_hi, n_total, key_lo, key_hi, hi_max)  # the diagonal
 
 
 def _prefill_kernel(
@@ -307,26 +314,35 @@ def _shared_prefix_kernel(
     qk_scale: float,
     precision,
 ):
-  rb = pl.program_id(0)  # row block of the item's (sequence, token, head) rows
+  rb = pl.program_id(0)  # row block of the item's packed (token, head) rows
   j = pl.program_id(1)
   i = pl.program_id(2)
   d = q_ref.shape[-1]
   num_seqs = item_num_seqs_ref[i]
   num_chunks = item_num_chunks_ref[i]
+  # The item's sequences and their token counts, in registers: the valid tokens of sequence k of
+  # the item are packed rows [starts[k], starts[k] + counts[k]) (times g heads).
+  mp = _common.next_pow2(M)
+  k = jnp.arange(mp)
+  seq_ok = k < num_seqs
+  seqs = plgpu.load(item_seqs_ref.at[i * M + k], mask=seq_ok, other=0)  # [mp]
+  counts = plgpu.load(num_tokens_ref.at[seqs], mask=seq_ok, other=0)
+  ends = jnp.cumsum(counts)
+  starts = ends - counts
   start = rb * block_m
 
-  @pl.when((num_chunks > 0) & (start < num_seqs * (T * g)))
+  @pl.when((num_chunks > 0) & (start < jnp.sum(counts) * g))
   def _compute():
-    r = start + jnp.arange(block_m)
-    seq_in_item, rem = _common.divmod_static(r, T * g)
-    tk, gi = _common.divmod_static(rem, g)
-    seq_ok = seq_in_item < num_seqs
-    seq = plgpu.load(item_seqs_ref.at[i * M + seq_in_item], mask=seq_ok, other=0)
-    row_ok = seq_ok & (tk < plgpu.load(num_tokens_ref.at[seq], mask=seq_ok, other=0))
+    tok, gi = _common.divmod_static(start + jnp.arange(block_m), g)  # packed token, head
+    member = jnp.sum((ends[None, :] <= tok[:, None]).astype(jnp.int32), axis=1)  # [block_m]
+    pick = k[None, :] == member[:, None]  # [block_m, mp]
+    row_ok = member < num_seqs
+    seq = jnp.sum(jnp.where(pick, seqs[None, :], 0), axis=1)
+    tk = tok - jnp.sum(jnp.where(pick, starts[None, :], 0), axis=1)
     col = jnp.arange(d)[None, :]
     qrow = (seq * T + tk) * h + j * g + gi
     q = plgpu.load(q_ref.at[qrow[:, None], col], mask=row_ok[:, None], other=0.0)
-    first_seq = item_seqs_ref[i * M]  # the item's chunks: the start of any of its paths
+    first_seq = jnp.sum(jnp.where(k == 0, seqs, 0))  # its chunks: the start of any of its paths
     walker = _KeyWalker(q, k_ref, v_ref, paths_ref, first_seq * num_path_chunks, j=j, h_kv=h_kv,
                         c=c, num_path_chunks=num_path_chunks, block_n=block_n, qk_scale=qk_scale,
                         precision=precision)
@@ -567,7 +583,7 @@ def validate_prefill_arrays(positions, chunk_paths, num_tokens, *, n_chunks: int
   whose sequences do not share its chunks, an item key not before every new token of its
   sequences, a sequence in two items, seq_shared_chunks not matching its item.
   """
-  positions, chunk_paths = np.asarray(positions), np.asarray(chunk_paths)
+  positions, chunk_paths = np.asarray(positions, np.int64), np.asarray(chunk_paths)
   S, T = positions.shape
   Pc = chunk_paths.shape[1]
   num_tokens = np.full(S, T) if num_tokens is None else np.asarray(num_tokens)
@@ -653,16 +669,21 @@ def prefill_attention_xla(q, k_pool, v_pool, positions, chunk_paths, num_tokens=
 
   def query_block(args):
     qi, pos = args  # [S, bq, h_kv, g, d], [S, bq] (-1: padding)
-    n_tiles = jnp.minimum(jnp.max(pos) // (tc * c) + 1, n_tiles_max)  # 0 if all padding
+    last = jnp.max(pos, axis=1)  # [S] each sequence's last key in this block
+    n_tiles = jnp.minimum(jnp.max(last) // (tc * c) + 1, n_tiles_max)  # 0 if all padding
 
     def tile(n, carry):
       o, m, l = carry  # [S, h_kv, g, bq, d], [S, h_kv, g, bq] x 2
       slots = lax.dynamic_slice_in_dim(paths, n * tc, tc, axis=1)  # [S, tc]
       kt = k_pool[slots].transpose(0, 2, 1, 3, 4).reshape(S, h_kv, tc * c, d)
       vt = v_pool[slots].transpose(0, 2, 1, 3, 4).reshape(S, h_kv, tc * c, d)
+      key = n * tc * c + jnp.arange(tc * c)
+      # K/V past a sequence's last query position may be stale or unwritten: a 0 * NaN there would
+      # poison the output, so those values are zeroed before use.
+      live = (key[None, :] <= last[:, None])[:, None, :, None]  # [S, 1, n, 1]
+      kt, vt = jnp.where(live, kt, 0), jnp.where(live, vt, 0)
       s = jnp.einsum("sbjgd,sjnd->sjgbn", qi, kt, preferred_element_type=jnp.float32,
                      precision=prec) * sm_scale
-      key = n * tc * c + jnp.arange(tc * c)
       mask = (key[None, None, :] <= pos[:, :, None])[:, None, None]  # [S, 1, 1, bq, n]
       s = jnp.where(mask, s, NEG)
       m_new = jnp.maximum(m, s.max(-1))
@@ -674,11 +695,17 @@ def prefill_attention_xla(q, k_pool, v_pool, positions, chunk_paths, num_tokens=
 
     init = (jnp.zeros((S, h_kv, g, bq, d), jnp.float32),
             jnp.full((S, h_kv, g, bq), NEG, jnp.float32), jnp.zeros((S, h_kv, g, bq), jnp.float32))
-    o, _, l = lax.fori_loop(0, n_tiles, tile, init)
+    if n_tiles_max == 1:  # one tile: no loop (it would only slow the compile of small shapes)
+      o, _, l = tile(0, init)
+    else:
+      o, _, l = lax.fori_loop(0, n_tiles, tile, init)
     o = o / jnp.where(l > 0, l, 1.0)[..., None]
     return jnp.moveaxis(o, 3, 1).reshape(S, bq, h, d).astype(q.dtype)
 
-  o = lax.map(query_block, (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(pb, 1, 0)))  # [nq, S, bq, h, d]
+  if nq == 1:
+    o = query_block((qb[:, 0], pb[:, 0]))[None]
+  else:
+    o = lax.map(query_block, (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(pb, 1, 0)))  # [nq, S, bq, h, d]
   o = jnp.moveaxis(o, 0, 1).reshape(S, nq * bq, h, d)[:, :T]
   keep = jnp.zeros_like(q) if out is None else out
   return jnp.where(valid[:, :, None, None], o, keep)
@@ -706,13 +733,14 @@ def shared_prefix_reference(q, k_pool, v_pool, num_tokens, chunk_paths, item_seq
   vv = v_pool[slots].transpose(0, 2, 1, 3, 4).reshape(I, h_kv, Pc * c, d)
   key_ok = (jnp.arange(Pc * c)[None, :] < item_num_chunks[:, None] * c)[:, None, None, None, None]
   qi = q[seqs].reshape(I, M, T, h_kv, g, d)
-  s = jnp.einsum("imtjgd,ijnd->imtjgn", qi, kk, preferred_element_type=jnp.float32,
+  f32 = lambda x: x.astype(jnp.float32)  # (the CPU has no bf16 x bf16 -> f32 dot of this form)
+  s = jnp.einsum("imtjgd,ijnd->imtjgn", f32(qi), f32(kk),
                  precision=lax.Precision.HIGHEST) * (sm_scale * LOG2E)
   s = jnp.where(key_ok, s, NEG)
   m = s.max(-1)
   p = jnp.where(key_ok, jnp.exp2(s - m[..., None]), 0.0)
   l = p.sum(-1)
-  o = jnp.einsum("imtjgn,ijnd->imtjgd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32,
+  o = jnp.einsum("imtjgn,ijnd->imtjgd", f32(p.astype(vv.dtype)), f32(vv),
                  precision=lax.Precision.HIGHEST) / jnp.where(l > 0, l, 1.0)[..., None]
   lse = m + jnp.log2(jnp.where(l > 0, l, 1.0))
   ok = live[:, :, None] & (jnp.arange(T)[None, None, :] < num_tokens[seqs][:, :, None])  # [I,M,T]
