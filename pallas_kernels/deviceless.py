@@ -289,11 +289,12 @@ def _start_worker(specs: list[dict], tmp: str) -> subprocess.Popen:
       XLA_FLAGS=(env.get("XLA_FLAGS", "") + f" --xla_dump_to={os.path.join(tmp, 'xla')}"),
       SM90_TMP=tmp, TF_CPP_MIN_LOG_LEVEL="2")
   # stderr to a file: a worker blocked on a full stderr pipe would never finish its stdout.
+  log = open(os.path.join(tmp, "stderr.txt"), "w")  # closed by _finish_worker
   proc = subprocess.Popen([sys.executable, "-m", "pallas_kernels.deviceless"],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=open(os.path.join(tmp, "stderr.txt"), "w"), text=True, env=env,
+                          stderr=log, text=True, env=env,
                           cwd=repo)
-  proc.log_path = os.path.join(tmp, "stderr.txt")
+  proc.log_path, proc.log_file = os.path.join(tmp, "stderr.txt"), log
   proc.stdin.write(json.dumps(specs))
   proc.stdin.close()
   return proc
@@ -306,6 +307,8 @@ def _finish_worker(proc: subprocess.Popen, n: int, timeout_s: float) -> list[Com
   finally:
     if proc.poll() is None:
       proc.kill()
+    proc.stdout.close()
+    proc.log_file.close()
   with open(proc.log_path) as f:
     stderr = f.read()
   if proc.returncode:

@@ -119,6 +119,15 @@ class PrefillConfig:
 # --------------------------------------------------------------------------------------------
 # 1. Kernel bodies.
 # --------------------------------------------------------------------------------------------
+def _div(x, m: int):
+  """x // m for non-negative int32 x (truncating: no sign fix-ups in the Triton lowering)."""
+  return _common.divmod_static(x, m)[0]
+
+
+def _cdiv(x, m: int):
+  return _div(x + (m - 1), m)
+
+
 class _KeyWalker:
   """Online-softmax attention of one program's ``[block_m, d]`` queries to key tiles of one
   sequence's chunk path (one KV head).
@@ -193,7 +202,7 @@ class _KeyWalker:
 
       return lax.fori_loop(jnp.maximum(lo, b * tpb), jnp.minimum(hi, (b + 1) * tpb), body, carry)
 
-    return lax.fori_loop(lo // tpb, pl.cdiv(hi, tpb), block, carry)
+    return lax.fori_loop(_div(lo, tpb), _cdiv(hi, tpb), block, carry)
 
   def masked_tiles(self, carry, lo, hi, key_lo, key_hi, last_key):
     """Tiles [lo, hi) with keys masked to key_lo <= key <= key_hi[row]; keys past `last_key` (the
@@ -202,7 +211,7 @@ class _KeyWalker:
     per_tile = max(1, self.block_n // self.c)
 
     def body(n, carry):
-      first_chunk = (n * self.block_n) // self.c
+      first_chunk = _div(n * self.block_n, self.c)
       slots = self._slots(first_chunk, per_tile)
       key = n * self.block_n + tok
       key_ok = (key >= key_lo) & (key <= last_key)
@@ -216,10 +225,10 @@ class _KeyWalker:
     bn = self.block_n
     lo_min = jnp.min(jnp.where(row_ok, key_hi, jnp.int32(2 ** 30)))
     hi_max = jnp.max(jnp.where(row_ok, key_hi, -1))
-    n_total = jnp.where(hi_max >= key_lo, hi_max // bn + 1, 0)
-    first = key_lo // bn
-    full_lo = jnp.minimum(pl.cdiv(key_lo, bn), n_total)  # first tile starting at or after key_lo
-    full_hi = jnp.maximum(full_lo, jnp.minimum((lo_min + 1) // bn, n_total))  # tiles all rows see
+    n_total = jnp.where(hi_max >= key_lo, _div(jnp.maximum(hi_max, 0), bn) + 1, 0)
+    first = _div(key_lo, bn)
+    full_lo = jnp.minimum(_cdiv(key_lo, bn), n_total)  # first tile starting at or after key_lo
+    full_hi = jnp.maximum(full_lo, jnp.minimum(_div(lo_min + 1, bn), n_total))  # all rows see
     carry = self.masked_tiles(carry, first, full_lo, key_lo, key_hi, hi_max)  # key_lo mid-tile
     carry = self.full_tiles(carry, full_lo, full_hi)
     return self.masked_tiles(carry, full_hi, n_total, key_lo, key_hi, hi_max)  # the diagonal

@@ -9,7 +9,6 @@ must write nothing: output buffers are poisoned with NaN first.
 """
 
 import dataclasses
-import functools
 import itertools
 import os
 
@@ -21,9 +20,11 @@ from flax import nnx
 
 from chunkattn_jax import layers
 from chunkattn_jax.chunk_pool import ChunkPool
-from chunkattn_jax.prefill_sharing import PrefillSharing, SharingCost, plan_prefill_sharing
+from chunkattn_jax.prefill_sharing import SharingCost, plan_prefill_sharing
 from chunkattn_jax.prefix_tree import PrefixTree
+from configs import prefill_resources as prefill_resources_config
 from dense_oracle import dense_attention, sequence_kv
+from experiments import kernel_resources
 from kernel_cases import GQA, TOL
 from pallas_kernels import deviceless
 from pallas_kernels import prefill as pf
@@ -415,9 +416,13 @@ def test_lowers_for_h100(d, c, dtype, g):
   pool = S_((n, h_kv, c, d), dtype)
   base = (S_((S, T, h, d), dtype), pool, pool, S_((S, T), I32), S_((S, 2 * T // c), I32),
           S_((S,), I32))
-  assert lower_for_cuda(pf.prefill_attention, *base).count("__gpu$xla.gpu.triton") == 1
-  text = lower_for_cuda(pf.prefill_attention, *base, **item_specs(S))
-  assert text.count("__gpu$xla.gpu.triton") == 2  # the shared pass, then the main kernel
+  items = item_specs(S)
+
+  def both(*args):  # with items (the shared pass, then the main kernel) and without (one kernel)
+    return (pf.prefill_attention(*args[:6], **dict(zip(items, args[6:]))),
+            pf.prefill_attention(*args[:6]))
+
+  assert lower_for_cuda(both, *base, *items.values()).count("__gpu$xla.gpu.triton") == 3
 
 
 def test_mqa_lowers_for_h100():
@@ -433,11 +438,6 @@ REQUIRE = os.environ.get("CHUNKATTN_REQUIRE_SM90") == "1"
 OPTIN_SMEM = deviceless.H100.smem_per_block_optin
 
 
-def sm90_specs():
-  return [dict(builder="pallas_kernels.deviceless:prefill_call",
-               kwargs=dict(d=d, c=c, dtype=t, g=g, items=2, both=True)) for d, c, t, g in CONFIGS]
-
-
 @pytest.fixture(scope="module")
 def sm90():
   try:
@@ -446,7 +446,9 @@ def sm90():
     if REQUIRE:
       pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
     pytest.skip(str(e))
-  specs = sm90_specs()
+  specs = kernel_resources.specs(prefill_resources_config.get_config())
+  assert [(s["kwargs"]["d"], s["kwargs"]["c"], s["kwargs"]["dtype"], s["kwargs"]["g"])
+          for s in specs] == CONFIGS
   return specs, deviceless.compile_specs(specs)
 
 
