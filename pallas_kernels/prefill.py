@@ -149,23 +149,26 @@ class _KeyWalker:
     self.tiles_per_block = self.sb * c // block_n
 
   def _slots(self, first_chunk, n):
-    """int32 [n] slots of path chunks [first_chunk, first_chunk + n) (0 past the path)."""
-    idx = first_chunk + jnp.arange(n)
-    return plgpu.load(self.paths_ref.at[self.path_base + idx], mask=idx < self.P, other=0)
+    """Slots of path chunks [first_chunk, first_chunk + n) as n scalars (clamped to the path's
+    last chunk past its end: never used there). Scalars, not a vector: picking one is a chain of
+    scalar selects, with no cross-thread reduction (and no barrier) in the tile loop."""
+    last = self.path_base + self.P - 1
+    return [self.paths_ref[jnp.minimum(self.path_base + first_chunk + k, last)] for k in range(n)]
 
   def _rows(self, n, slots, first_chunk):
     """Pool rows [block_n] of tile n, given the slots of chunks [first_chunk, first_chunk + sb)."""
     block_n, c = self.block_n, self.c
     tok = jnp.arange(block_n)
-    if block_n <= c:  # the tile lies in one chunk: one slot (a select from registers)
+    if block_n <= c:  # the tile lies in one chunk: one slot
       chunk, off = _common.divmod_static(n * block_n, c)
-      slot = jnp.sum(jnp.where(jnp.arange(slots.shape[0]) == chunk - first_chunk, slots, 0))
-      return (slot * self.h_kv + self.j) * c + off + tok
-    chunk, off = _common.divmod_static(n * block_n + tok, c)  # block_n // c chunks per tile
-    rel = chunk - first_chunk
-    slot = jnp.sum(jnp.where(jnp.arange(slots.shape[0])[None, :] == rel[:, None], slots[None, :],
-                             0), axis=1)
-    return (slot * self.h_kv + self.j) * c + off
+      rel = chunk - first_chunk
+    else:  # block_n // c chunks per tile: a slot per key
+      chunk, off = _common.divmod_static(n * block_n + tok, c)
+      rel = chunk - first_chunk
+    slot = slots[0] + jnp.zeros_like(rel)
+    for k in range(1, len(slots)):
+      slot = jnp.where(rel == k, slots[k], slot)
+    return (slot * self.h_kv + self.j) * c + off + (tok if block_n <= c else 0)
 
   def _step(self, carry, rows, mask, key_ok=None):
     """One tile; `key_ok` [block_n]: keys to load at all (masked tiles: none past the block's last
