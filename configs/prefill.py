@@ -27,11 +27,16 @@ def get_config():
   config.max_temp_gib = 24.0
   config.iters = 20
   config.warmup = 2
+  # Temporary memory of one cold prompt per implementation, compiled (not run) at the 7B shape on
+  # whatever backend runs the experiment (the CPU too).
+  config.memory_points = (512, 1024, 2048, 4096, 8192)
+  config.memory_shape = ml_collections.ConfigDict(dict(h=32, h_kv=32, d=128, chunk_size=64,
+                                                       dtype="bfloat16"))
   # The shared-prefix byte/FLOP count (host only, any machine, always at the 7B shape): S x new
   # tokens x g under a cached prefix.
   config.count_shape = ml_collections.ConfigDict(dict(h=32, d=128, chunk_size=64, itemsize=2))
   config.count_seqs = (4, 8, 32)
-  config.count_new_tokens = (16, 64, 256)
+  config.count_new_tokens = (1, 16, 64, 256)
   config.count_groups = (1, 4)
   config.count_cached = 2048
   config.shrink_on_cpu = True

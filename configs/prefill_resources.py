@@ -23,7 +23,7 @@ def get_config():
   config.h = 32
   config.seqs = 2
   config.tokens = 1024
-  config.items = 2
+  config.shared_items = 2
   config.prefill_config = ml_collections.ConfigDict()  # PrefillConfig overrides, e.g. block_n=32
   config.summary_columns = ("kernel", "d", "c", "dtype", "g", "grid", "registers", "spill_bytes",
                             "smem_bytes", "ctas_per_sm", "barriers_per_iteration", "mma",

@@ -37,12 +37,12 @@ def specs(config) -> list[dict]:
 
 
 def prefill_specs(config) -> list[dict]:
-  """Prefill: the call with `items` shared-prefix items and without, per (d, c, dtype, g)."""
+  """Prefill: the call with `shared_items` shared-prefix items and without, per (d, c, dtype, g)."""
   out = []
   for d, c, dtype, g in itertools.product(config.head_dims, config.chunk_sizes, config.dtypes,
                                           config.groups):
     kwargs = dict(d=d, c=c, dtype=dtype, g=g, h=config.h, seqs=config.seqs, tokens=config.tokens,
-                  items=config.items, both=True)
+                  items=config.shared_items, both=True)
     if config.get("prefill_config"):
       kwargs["config"] = dict(config.prefill_config)
     out.append(dict(builder="pallas_kernels.deviceless:prefill_call", kwargs=kwargs))

@@ -20,7 +20,9 @@ Implementations (`config.impls`):
                  queries and keys)
   naive          einsum-softmax-einsum on the same dense copy
 
-A second part, `sharing_counts`, counts (no timing; any machine, always at `config.count_shape`)
+A second part, `memory`, compiles (without running) one cold prompt of each length in
+`config.memory_points` at `config.memory_shape` (the 7B shape, also on the CPU) and records each
+implementation's temporary memory. A third, `sharing_counts`, counts (no timing; any machine, always at `config.count_shape`)
 what the shared-prefix pass changes over the cached prefix: K/V bytes read, MMA FLOPs including
 the padding rows of partly filled blocks, and the partial-state bytes it adds, with the planner's
 decision (`chunkattn_jax.prefill_sharing`).
@@ -29,7 +31,6 @@ decision (`chunkattn_jax.prefill_sharing`).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,38 @@ def temp_bytes(fn, args) -> int:
   return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
+def memory_at_shape(cfg) -> list[dict]:
+  """Temporary memory of one cold prompt per implementation at `config.memory_shape`, compiled
+  (not run) for this machine's backend: rows of part "memory"."""
+  shape = cfg.memory_shape
+  h, h_kv, d, c = shape.h, shape.h_kv, shape.d, shape.chunk_size
+  dt = jnp.dtype(shape.dtype)
+  A = jax.ShapeDtypeStruct
+  rows = []
+  for T in cfg.memory_points:
+    pool = A((T // c + 1, h_kv, c, d), dt)
+    chunked = (A((1, T, h, d), dt), A((1, T), jnp.int32), pool, pool, A((1, T // c), jnp.int32))
+    dense = (A((1, T, h, d), dt), A((1, T, h_kv, d), dt), A((1, T, h_kv, d), dt))
+    fns = {"xla": (functools.partial(layers.prefill_attention, impl="xla", validate=False),
+                   chunked),
+           "materialising": (functools.partial(layers.prefill_attention, impl="reference",
+                                               validate=False), chunked),
+           "naive": (_naive, dense + (A((1, T), jnp.int32),))}
+    if on_gpu():
+      fns["ours"] = (functools.partial(layers.prefill_attention, impl="pallas", validate=False),
+                     chunked)
+      fns["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="cudnn"), dense)
+    for name in cfg.impls:
+      if name in fns:
+        fn, args = fns[name]
+        rows.append(dict(part="memory", T=T, cached_tokens=0, S=1, impl=name,
+                         temp_mib=temp_bytes(jax.jit(fn), args) / 2 ** 20,
+                         note=f"compiled only ({jax.default_backend()}), "
+                              f"h={h} d={d} c={c} {shape.dtype}"))
+  return rows
+
+
 def sharing_counts(cfg) -> list[dict]:
   """What the shared-prefix pass changes over a cached prefix (per call, all KV heads)."""
   shape = cfg.count_shape
@@ -193,24 +226,26 @@ def run(config, progress) -> list[dict]:
       us = common.time_device(lambda: fn(*args), iters=cfg.iters, warmup=cfg.warmup)
       rows.append(dict(base, us=us, tokens_per_s=S * inp["new"] / (us * 1e-6),
                        temp_mib=temp / 2 ** 20, max_abs_err=err, note=""))
-  return rows + sharing_counts(cfg)
+  return rows + memory_at_shape(cfg) + sharing_counts(cfg)
 
 
 def plot(rows, workdir):
-  fig, (ax_t, ax_m) = common.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_t, ax_m) = common.subplots(ncols=2, figsize=(11, 4))
   cold = [r for r in rows if r["part"] == "prefill" and r["cached_tokens"] == 0 and r["S"] == 1]
   for impl in dict.fromkeys(r["impl"] for r in cold):
-    pts = sorted((r["T"], r) for r in cold if r["impl"] == impl)
-    timed = [(t, r["us"]) for t, r in pts if r.get("us")]
+    timed = sorted((r["T"], r["us"]) for r in cold if r["impl"] == impl and r.get("us"))
     if timed:
       ax_t.plot(*zip(*timed), marker="o", label=impl)
-    ax_m.plot([t for t, _ in pts], [r["temp_mib"] for _, r in pts], marker="o", label=impl)
+  memory = [r for r in rows if r["part"] == "memory"]
+  for impl in dict.fromkeys(r["impl"] for r in memory):
+    pts = sorted((r["T"], max(r["temp_mib"], 1e-3)) for r in memory if r["impl"] == impl)
+    ax_m.plot(*zip(*pts), marker="o", label=impl)
   cached = [r for r in rows if r["part"] == "prefill" and r["cached_tokens"] > 0 and r["S"] == 1
             and r.get("us")]
   for r in cached:
     ax_t.scatter([r["T"]], [r["us"]], marker="x", color="k")
   for ax, title, unit in ((ax_t, "prefill attention time (x: cached prefix)", "us"),
-                          (ax_m, "temporary memory (XLA memory_analysis)", "MiB")):
+                          (ax_m, "temporary memory at the 7B shape (compiled)", "MiB")):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("prompt tokens")
