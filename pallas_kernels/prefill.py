@@ -101,13 +101,14 @@ class PrefillConfig:
     16-bit inputs: 64-row blocks (one warpgroup MMA, wgmma, per 4 warps), 64-key tiles and 4 warps
     (d <= 128: ~115 KB of shared memory, two programs per SM); at d = 256, 32-key tiles and 8 warps
     (4 warps would need more than 255 registers per thread). fp32 runs its products on CUDA cores
-    at full precision (tensor cores would round to TF32): 16 x 16 blocks, so the operands stay in
-    registers. Groups larger than a block widen it to hold the whole group. 3 stages: one tile is
+    at full precision (tensor cores would round to TF32): 16 x 16 blocks and 8 warps, so the
+    operands stay in registers (4 warps spill at d = 256, and at d = 64 with the scalar slots of
+    a 16-chunk block live through the tile loop). Groups larger than a block widen it to hold the whole group. 3 stages: one tile is
     loaded while one is computed (prefill is compute-bound: each tile feeds block_m x block_n x d
     x 4 flops).
     """
     if jnp.dtype(dtype).itemsize > 2:
-      block_m, block_n, num_warps = 16, 16, 4
+      block_m, block_n, num_warps = 16, 16, 8
     elif d <= 128:
       block_m, block_n, num_warps = 64, 64, 4
     else:

@@ -346,7 +346,7 @@ def test_config_and_shape_checks(rng):
 def test_default_config_heuristic():
   assert pf.PrefillConfig.default(d=128, g=1, dtype=jnp.bfloat16) == pf.PrefillConfig(64, 64, 4, 3)
   assert pf.PrefillConfig.default(d=256, g=4, dtype=jnp.float16) == pf.PrefillConfig(64, 32, 8, 3)
-  assert pf.PrefillConfig.default(d=64, g=1, dtype=jnp.float32) == pf.PrefillConfig(16, 16, 4, 3)
+  assert pf.PrefillConfig.default(d=64, g=1, dtype=jnp.float32) == pf.PrefillConfig(16, 16, 8, 3)
   assert pf.PrefillConfig.default(d=64, g=32, dtype=jnp.float32).block_m == 32  # whole group
 
 
