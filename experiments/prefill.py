@@ -22,10 +22,10 @@ Implementations (`config.impls`):
 
 A second part, `memory`, compiles (without running) one cold prompt of each length in
 `config.memory_points` at `config.memory_shape` (the 7B shape, also on the CPU) and records each
-implementation's temporary memory. A third, `sharing_counts`, counts (no timing; any machine, always at `config.count_shape`)
-what the shared-prefix pass changes over the cached prefix: K/V bytes read, MMA FLOPs including
-the padding rows of partly filled blocks, and the partial-state bytes it adds, with the planner's
-decision (`chunkattn_jax.prefill_sharing`).
+implementation's temporary memory. A third, `sharing_counts`, counts (no timing; any machine,
+always at `config.count_shape`) what the shared-prefix pass changes over the cached prefix: K/V
+bytes read, MMA FLOPs including the padding rows of partly filled blocks, and the partial-state
+bytes it adds, with the planner's decision (`chunkattn_jax.prefill_sharing`).
 """
 
 from __future__ import annotations
