@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from chunkattn_jax import attention
 from chunkattn_jax import kv_pool as kv_pool_lib
 from chunkattn_jax import rope as rope_lib
+from pallas_kernels import prefill as prefill_lib
 
 IMPLS = attention.IMPLS
 # The name of the mesh axis that splits KV heads (and with them the query heads of each group).
@@ -40,7 +41,8 @@ MODEL_AXIS = "model"
 
 # ----------------------------------------------------------------------------- inputs (pytrees)
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["positions", "slots", "chunk_paths"], meta_fields=["check"])
+                   data_fields=["positions", "slots", "chunk_paths", "num_tokens", "sharing"],
+                   meta_fields=["check"])
 @dataclasses.dataclass(frozen=True)
 class PrefillInputs:
   """Prefill of the unmatched suffixes of `S` sequences, each padded to `T` tokens.
@@ -52,13 +54,19 @@ class PrefillInputs:
       and tokens whose K/V is already cached use slot `n_chunks` (write dropped).
     chunk_paths: int32 `[S, Pc]` each sequence's pool slots, root to leaf, covering at least every
       position in `positions`; padded with any valid slot (masked by causality).
-    check: validate the index arrays (`check_prefill_inputs`) when the layer gets them as concrete
-      values (outside `jit`); on by default. The engine, which builds them from the tree, passes
-      False. Static (part of the pytree structure).
+    num_tokens: optional int32 `[S]` valid new tokens per sequence (tokens `t >= num_tokens[s]`
+      are padding; the Pallas and XLA paths then skip them). Default: all `T` are computed.
+    sharing: optional `PrefillSharing` (`prefill_sharing.plan_prefill_sharing`): cached chunks
+      that several sequences share, read once for all of them by the Pallas path.
+    check: validate the index arrays (`check_prefill_inputs`, and `num_tokens` / `sharing`) when
+      the layer gets them as concrete values (outside `jit`); on by default. The engine, which
+      builds them from the tree, passes False. Static (part of the pytree structure).
   """
   positions: Any
   slots: Any
   chunk_paths: Any
+  num_tokens: Any = None
+  sharing: Any = None
   check: bool = True
 
 
@@ -261,7 +269,8 @@ def _softmax_attend(q, k, v, mask, sm_scale):
 
 def prefill_attention(q: jax.Array, positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                       chunk_paths: jax.Array, *, sm_scale: float | None = None,
-                      check: bool = True) -> jax.Array:
+                      impl: str = "xla", num_tokens: jax.Array | None = None, sharing=None,
+                      check: bool = True, **knobs) -> jax.Array:
   """Causal attention of new tokens to their sequence's chunks in the pool (already written).
 
   Args:
@@ -270,23 +279,44 @@ def prefill_attention(q: jax.Array, positions: jax.Array, k_pool: jax.Array, v_p
     k_pool, v_pool: `[n_chunks, h_kv, c, d]` one layer's pool, the new tokens' K/V already written.
     chunk_paths: int32 `[S, Pc]` each sequence's chunk slots, root to leaf (padding masked).
     sm_scale: softmax scale, default `1/sqrt(d)`.
-    check: when `positions` and `chunk_paths` are concrete (outside `jit`), reject chunk path
-      entries outside the pool and positions the path does not cover (ValueError).
+    impl: one of `IMPLS`: "pallas" (the flash-attention kernel over the chunk pool,
+      `pallas_kernels.prefill`; GPU), "pallas_interpret" (the same in interpret mode, CPU), "xla"
+      (the blocked XLA path: online softmax over key tiles, memory O(T x tile); the CPU default)
+      or "reference" (gathers every sequence's chunks and materialises the `[S, h, T, n]` scores);
+      "mosaic" / "mosaic_interpret" (decode-only backends) prefill as "pallas" / "pallas_interpret".
+    num_tokens: optional int32 `[S]` valid new tokens per sequence (padding tokens are skipped by
+      "pallas" and "xla" and output zeros / unspecified values).
+    sharing: optional `PrefillSharing` for the Pallas paths (the others read every sequence's
+      chunks themselves and only check it).
+    check: when the arrays are concrete (outside `jit`), reject chunk path entries outside the
+      pool, valid tokens' positions the path does not cover, and unsound sharing items
+      (`pallas_kernels.InvalidPrefillError`, a ValueError).
+    **knobs: `config` (Pallas) or `block_q` / `block_kv` (XLA).
 
   Returns:
     `[S, T, h, d]` in `q.dtype`.
   """
   s_, t, h, d = q.shape
   n_chunks, h_kv, c, _ = k_pool.shape
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
   if h % h_kv:
     raise ValueError(f"query heads must be a multiple of KV heads: {q.shape=} {k_pool.shape=}")
   if chunk_paths.ndim != 2 or chunk_paths.shape[0] != s_:
     raise ValueError(f"expected chunk_paths [S, Pc] with S = {s_}, got {chunk_paths.shape=}")
   if positions.shape != (s_, t):
     raise ValueError(f"expected positions [S, T] = {(s_, t)}, got {positions.shape=}")
-  if check:  # no writes here: every slot is "dropped", so only the reads are checked
-    check_prefill_inputs(positions, np.full((s_, t, 2), n_chunks, np.int32), chunk_paths,
-                         n_chunks=n_chunks, chunk_size=c)
+  items = {} if sharing is None else sharing.kernel_kwargs()
+  arrays = (positions, chunk_paths, num_tokens, *items.values())
+  if check and not any(isinstance(x, jax.core.Tracer) for x in arrays):
+    prefill_lib.validate_prefill_arrays(
+        positions, chunk_paths, num_tokens, n_chunks=n_chunks, chunk_size=c,
+        **{k: np.asarray(v) for k, v in items.items()})
+  if impl != "reference":
+    # No Mosaic prefill kernel yet: layers that decode with "mosaic*" prefill with the Triton one.
+    impl = {"mosaic": "pallas", "mosaic_interpret": "pallas_interpret"}.get(impl, impl)
+    return prefill_lib.prefill(q, k_pool, v_pool, positions, chunk_paths, num_tokens, impl=impl,
+                               sm_scale=sm_scale, **items, **knobs)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   pc = chunk_paths.shape[1]
   k = jnp.moveaxis(k_pool[chunk_paths], 2, 1).reshape(s_, h_kv, pc * c, d)
@@ -337,7 +367,10 @@ class ChunkAttention(nnx.Module):
     head_dim: `d` (default `D // h`).
     rope_theta: RoPE base (10000 for Llama-2, 500000 for Llama-3).
     rope_scaling: optional `rope.RopeScaling` (linear, dynamic, llama3 frequency schedules).
-    impl: decode attention implementation (one of `IMPLS`).
+    impl: attention implementation (one of `IMPLS`), for decode (`decode_attention`) and prefill
+      (`prefill_attention`): "pallas" and "pallas_interpret" run the Pallas kernels (prefill:
+      the flash kernel over the chunk pool), "xla" the plain-XLA two-phase decode and blocked
+      prefill, "reference" the dense gathers.
     sm_scale: softmax scale (default `1/sqrt(d)`).
     use_bias: biases on the q/k/v projections.
     use_output_bias: a bias on the o projection (Llama's `attention_bias` puts biases on q, k, v
@@ -430,10 +463,12 @@ class ChunkAttention(nnx.Module):
       k_cache, v_cache = kv_pool_lib.write_layer(
           k_cache, v_cache, k.reshape(s_ * t, *k.shape[2:]), v.reshape(s_ * t, *v.shape[2:]), slots)
       attn = self._sharded(
-          lambda q_, kp, vp, pos, paths: prefill_attention(q_, pos, kp, vp, paths,
-                                                           sm_scale=self.sm_scale, check=False),
-          (2, 1, 1), (4, 2), 2)
-      o = attn(q, k_cache, v_cache, inputs.positions, inputs.chunk_paths)
+          lambda q_, kp, vp, pos, paths, num_tokens, sharing: prefill_attention(
+              q_, pos, kp, vp, paths, sm_scale=self.sm_scale, impl=self.impl,
+              num_tokens=num_tokens, sharing=sharing, check=inputs.check),
+          (2, 1, 1), (4, 2), 4)
+      o = attn(q, k_cache, v_cache, inputs.positions, inputs.chunk_paths, inputs.num_tokens,
+               inputs.sharing)
     elif isinstance(inputs, DecodeInputs):
       if x.ndim != 2 or inputs.positions.shape != x.shape[:1]:
         raise ValueError(f"decode expects x [R, D] and positions [R], got {x.shape=} "

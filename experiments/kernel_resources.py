@@ -1,10 +1,14 @@
-"""Compiles every decode kernel configuration for an H100 (sm_90a) and tabulates its resources.
+"""Compiles every decode (or prefill) kernel configuration for an H100 (sm_90a) and tabulates its
+resources.
 
 Uses XLA's deviceless compile (`pallas_kernels.deviceless`): registers and spills from ptxas,
 shared memory and grid from XLA's launch plan (Mosaic kernels: from Mosaic's own dumps), barriers
 per loop iteration, the MMA instruction, the cp.async pipeline depth and the TMA copies per
-iteration from the PTX. One row per kernel and configuration. `config.impl` picks the kernels:
-"pallas" (Triton, the default) or "mosaic" (`configs/kernel_resources_mosaic.py`).
+iteration from the PTX. One row per kernel and configuration. `config.impl` picks the decode
+kernels: "pallas" (Triton, the default) or "mosaic" (`configs/kernel_resources_mosaic.py`).
+`config.kernel_family`: "decode" (default; `configs/kernel_resources.py`) or "prefill"
+(`configs/prefill_resources.py`: each configuration compiles the call with shared-prefix items
+and without, three kernels).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from pallas_kernels import deviceless
 
 COLUMNS = ("kernel", "d", "c", "dtype", "g", "grid", "threads", "registers", "spill_bytes",
            "smem_bytes", "ctas_per_sm", "barriers_per_iteration", "mma", "tiles_in_flight",
-           "tma_per_iteration", "mbarriers", "gpu_kernels")
+           "max_tiles_in_flight", "tma_per_iteration", "mbarriers", "gpu_kernels")
 
 
 def specs(config) -> list[dict]:
   """One deviceless compile spec per (d, c, dtype, g) of the config."""
+  if config.get("kernel_family", "decode") == "prefill":
+    return prefill_specs(config)
   out = []
   for d, c, dtype, g in itertools.product(config.head_dims, config.chunk_sizes, config.dtypes,
                                           config.groups):
@@ -36,6 +42,19 @@ def specs(config) -> list[dict]:
   return out
 
 
+def prefill_specs(config) -> list[dict]:
+  """Prefill: the call with `shared_items` shared-prefix items and without, per (d, c, dtype, g)."""
+  out = []
+  for d, c, dtype, g in itertools.product(config.head_dims, config.chunk_sizes, config.dtypes,
+                                          config.groups):
+    kwargs = dict(d=d, c=c, dtype=dtype, g=g, h=config.h, seqs=config.seqs, tokens=config.tokens,
+                  items=config.shared_items, both=True)
+    if config.get("prefill_config"):
+      kwargs["config"] = dict(config.prefill_config)
+    out.append(dict(builder="pallas_kernels.deviceless:prefill_call", kwargs=kwargs))
+  return out
+
+
 def rows_of(spec: dict, report: deviceless.CompileReport) -> list[dict]:
   kw = spec["kwargs"]
   rows = []
@@ -47,6 +66,7 @@ def rows_of(spec: dict, report: deviceless.CompileReport) -> list[dict]:
         barriers_per_iteration=k.barriers_per_iteration, mma=k.mma,
         tiles_in_flight=min((lp.tiles_in_flight for lp in k.loops if lp.cp_async_groups),
                             default=None),
+        max_tiles_in_flight=max((lp.tiles_in_flight for lp in k.loops), default=None),
         tma_per_iteration=max((lp.tma_copies for lp in k.loops), default=0),
         mbarriers=k.mbarriers, gpu_kernels=report.num_gpu_kernels))
   return rows

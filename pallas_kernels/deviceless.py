@@ -495,5 +495,39 @@ def decode_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, rows: int = 
   return call, (jax.ShapeDtypeStruct(q_shape, dt), pool, pool, *kw.values())
 
 
+def prefill_call(*, d: int, c: int, dtype: str, g: int, h: int = 32, seqs: int = 2,
+                 tokens: int = 1024, path_chunks: int | None = None, items: int = 0,
+                 both: bool = False, n_chunks: int = 4096, config=None):
+  """`prefill_attention` (Pallas) at the given shapes; `items > 0` adds the shared-prefix pass
+  (two kernels); `both` compiles the call with and without the items in one program (three
+  kernels). `config` is a dict of `PrefillConfig` knobs (default: the heuristic)."""
+  import jax
+  import jax.numpy as jnp
+
+  from pallas_kernels.prefill import PrefillConfig, prefill_attention
+
+  h_kv = h // g
+  S, T = seqs, tokens
+  Pc = path_chunks or -(-2 * T // c)
+  dt = jnp.dtype(dtype)
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  shared = (dict(item_seqs=i32(items, S), item_num_seqs=i32(items), item_num_chunks=i32(items),
+                 seq_shared_chunks=i32(S)) if items else {})
+  fn = functools.partial(prefill_attention,
+                         config=PrefillConfig(**config) if config else None)
+  names = list(shared)
+
+  def call(q, k_pool, v_pool, positions, chunk_paths, num_tokens, *item_arrays):
+    out = fn(q, k_pool, v_pool, positions, chunk_paths, num_tokens,
+             **dict(zip(names, item_arrays)))
+    if both:
+      return out, fn(q, k_pool, v_pool, positions, chunk_paths, num_tokens)
+    return out
+
+  pool = jax.ShapeDtypeStruct((n_chunks, h_kv, c, d), dt)
+  return call, (jax.ShapeDtypeStruct((S, T, h, d), dt), pool, pool, i32(S, T), i32(S, Pc),
+                i32(S), *shared.values())
+
+
 if __name__ == "__main__":
   _worker()

@@ -95,3 +95,21 @@ def test_memory_shrunk(tmp_path):
   read_results(tmp_path)
   shared = [r for r in rows if r.get("point") == "256/256"]
   assert shared and shared[0]["chunk_kv_gb"] < shared[0]["paged_kv_gb"]
+
+
+def test_prefill_benchmark_on_cpu(tmp_path):
+  """configs/prefill.py at its CPU sizes: every CPU implementation timed (outputs checked against
+  the XLA path first), the 7B-shape memory compiled, the shared-prefix counts, a plot."""
+  config = importlib.import_module("configs.prefill").get_config()
+  rows = run_experiment(config, str(tmp_path))
+  read_results(tmp_path)
+  timed = [r for r in rows if r["part"] == "prefill" and r.get("us")]
+  assert {r["impl"] for r in timed} == {"xla", "materialising", "naive"}
+  assert all(r["tokens_per_s"] > 0 and r["max_abs_err"] <= 1e-4 for r in timed)
+  assert {(r["T"], r["cached_tokens"], r["S"]) for r in timed} == set(config.cpu.points)
+  memory = {(r["impl"], r["T"]): r["temp_mib"] for r in rows if r["part"] == "memory"}
+  assert memory[("xla", 4096)] <= 256 < memory[("materialising", 4096)]
+  counts = [r for r in rows if r["part"] == "sharing_counts"]
+  assert len(counts) == 3 * 4 * 2 and any(r["shares"] for r in counts)
+  assert all(r["kv_mib_shared"] <= r["kv_mib_alone"] for r in counts)
+  assert os.path.exists(tmp_path / "prefill.png")
