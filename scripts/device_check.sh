@@ -28,15 +28,18 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 40 "runs/$name.log" >> "$summary"
 }
 
-# 1. Correctness on the GPU: the real (compiled) Pallas kernels against dense attention.
-step gpu_tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+# 1. Correctness on the GPU: the real (compiled) kernels against dense attention: Triton decode,
+#    Triton prefill (with and without the shared-prefix pass), Mosaic decode on a Hopper.
+step gpu_tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_prefill.py \
+  tests/test_mosaic_decode.py -p no:cacheprovider
 # 2. Kernel benchmarks (outputs checked against the reference before timing).
-step table3 180 python3 -m experiments.run --config configs/table3.py --workdir runs/table3
-step fig3 90 python3 -m experiments.run --config configs/fig3.py --workdir runs/fig3 \
+step table3 150 python3 -m experiments.run --config configs/table3.py --workdir runs/table3
+step prefill 70 python3 -m experiments.run --config configs/prefill.py --workdir runs/prefill
+step fig3 60 python3 -m experiments.run --config configs/fig3.py --workdir runs/fig3 \
   --config.n_s_values='(2048, 4096)' --config.n_c_values='(512, 2048)'
-step fig4 60 python3 -m experiments.run --config configs/fig4.py --workdir runs/fig4
+step fig4 45 python3 -m experiments.run --config configs/fig4.py --workdir runs/fig4
 # 3. End to end (7B shape, random bf16 weights), if time is left in the lease.
-step serving 150 python3 -m experiments.run --config configs/serving.py:gpu --workdir runs/serving \
+step serving 90 python3 -m experiments.run --config configs/serving.py:gpu --workdir runs/serving \
   --config.parts='("decode", "ttft")'
 
 tar czf "$OUT/results.tar.gz" runs

@@ -491,3 +491,24 @@ def test_sm90_every_configuration_without_spills_within_shared_memory():
   specs, reports = compile_prefill(CONFIGS)
   assert len(reports) == 108
   check_compiled(specs, reports)
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU (skipped elsewhere; scripts/device_check.sh runs it with `pytest -m gpu`).
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("g", (1, 4, 8))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("c,d", [(16, 64), (64, 128), (32, 256)])
+def test_compiled_kernels_match_fp64_dense(rng, c, d, dtype, g):
+  """The compiled kernels, without and with the shared-prefix pass, at the interpret tolerances
+  (fp32 at full precision, not TF32); padding rows and tokens untouched."""
+  case = make_case(rng, c=c, g=g, d=d, dtype=dtype, n_chunks=128, seed=c + g)
+  check(case, pf.prefill_attention(*case.args, out=poisoned(case)), dtype, padding=np.nan)
+  sharing = plan_prefill_sharing(case.positions, case.chunk_paths, case.num_tokens, chunk_size=c,
+                                 cost=ALWAYS)
+  assert sharing is not None
+  out = pf.prefill_attention(*case.args, out=poisoned(case), **sharing.kernel_kwargs())
+  check(case, out, dtype, padding=np.nan)
