@@ -42,13 +42,17 @@ MERGE_BLOCK_ELEMS = 2048
 SLOT_BLOCK = 16
 
 
-def mma_rows(nq: int, dtype) -> int:
+def mma_rows(nq: int, dtype, d: int) -> int:
   """Rows of the tensor-core path's query block for nq queries per (row, KV head): 16 (one
-  warp's MMA) up to 16 queries; for 16-bit inputs otherwise at least 64, one warpgroup MMA per
-  64 rows, so the row statistics stay inside each warp (a 32-row block would split its columns
-  across warps). fp32 products run on CUDA cores, where 64 padded rows would spill: no padding."""
+  warp's MMA) up to 16 queries at d <= 128; for 16-bit inputs otherwise at least 64, one
+  warpgroup MMA per 64 rows, so the row statistics stay inside each warp (a 32-row block, or 16
+  rows over several warps, would split its columns across warps: 6 barriers per tile at d = 256,
+  where a [16, 256] fp32 accumulator does not fit one warp). fp32 products run on CUDA cores,
+  where 64 padded rows would spill: no padding."""
   gp = max(16, _common.partial_heads(nq))
-  return gp if gp == 16 or jnp.dtype(dtype).itemsize > 2 else max(64, gp)
+  if jnp.dtype(dtype).itemsize > 2 or (gp == 16 and d <= 128):
+    return gp
+  return max(64, gp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +89,11 @@ class SequenceFirstConfig:
     CUDA cores (g <= 2): 4 warps (8 for fp32 at d = 256), tiles of ~4K 16-bit (2K fp32) elements
     per head accumulator. Tensor cores: one warp per program where a [16, d] fp32 accumulator
     fits its registers (16-bit inputs at d <= 128, fp32 at d <= 64), so row max and sum never
-    leave the warp (with
-    more warps a 16-row MMA splits a tile's columns across warps and every row statistic needs a
-    shared-memory round trip); otherwise 4 warps. 4 stages = 2 tiles in flight. Rows with T > 1
-    new tokens have T * g queries per (row, KV head): more than 16 are padded to 64-row blocks
-    with 4 warps (a warpgroup MMA), 8 warps from 128 rows (`mma_rows`).
+    leave the warp (with more warps a 16-row MMA splits a tile's columns across warps and every
+    row statistic needs a shared-memory round trip); fp32 at d > 64: 4 warps. 4 stages = 2 tiles
+    in flight. 16-bit inputs with more than 16 queries per (row, KV head) (T * g, rows with T > 1
+    new tokens), or any group at d = 256, are padded to 64-row blocks (`mma_rows`): 4 warps (a
+    warpgroup MMA) at d <= 128; 8 warps and 6 stages (4 tiles in flight) at d = 256.
     """
     itemsize = jnp.dtype(dtype).itemsize
     nq = g * tokens_per_row
@@ -98,13 +102,18 @@ class SequenceFirstConfig:
       return cls(block_n=max(16, min(c, elems // (d * nq))),
                  num_warps=8 if (itemsize == 4 and d >= 256) else 4, num_stages=1,
                  cuda_core=True)
-    rows = mma_rows(nq, dtype)
+    rows = mma_rows(nq, dtype, d)
+    stages = 4
     if rows == 16:
       warps = 1 if d <= (128 if itemsize <= 2 else 64) else 4
+    elif itemsize <= 2 and d >= 256:
+      # A [64, 256] accumulator spills with 4 warps; 8 split its columns over two warpgroups
+      # (3 barriers per tile) and leave one program per SM, so 6 stages keep 4 tiles in flight.
+      warps, stages = 8, 6
     else:
       warps = 4 if rows <= 64 and itemsize <= 2 or rows <= 32 else 8
     return cls(block_n=min(c, 32 if d <= 64 and itemsize <= 2 else 16), num_warps=warps,
-               num_stages=4, cuda_core=False)
+               num_stages=stages, cuda_core=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +290,7 @@ def _sequence_first_kernel(
     rows = gp  # == nq for nq in (1, 2)
     o, m, l = (_stack_heads([x[n] for x in per_query]) for n in range(3))
   else:
-    rows = mma_rows(nq, q_ref.dtype)
+    rows = mma_rows(nq, q_ref.dtype, d)
     o, m, l = _private_mma(q_ref, k_ref, v_ref, row_private_chunks_ref, r, j, length, rows=rows,
                            precision=_common.dot_precision(q_ref.dtype), **kw)
 

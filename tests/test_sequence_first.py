@@ -7,7 +7,8 @@ import pytest
 from kernel_cases import TOL, check_against_dense, make_case, poisoned_partials, split
 from pallas_kernels import SequenceFirstConfig, empty_partials
 from pallas_kernels.chunk_first import chunk_first_reference
-from pallas_kernels.sequence_first import sequence_first, sequence_first_reference
+from pallas_kernels.sequence_first import (mma_rows, sequence_first,
+                                           sequence_first_reference)
 
 
 def row_args(plan):
@@ -36,6 +37,20 @@ def test_interpret_matches_reference_and_dense(rng, g, dtype, config):
   assert got.dtype == dtype
   np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)),
                              np.asarray(want.astype(jnp.float32)), atol=TOL[dtype], rtol=0)
+  check_against_dense(case, got, dtype)
+
+
+@pytest.mark.parametrize("g,dtype", [(4, jnp.bfloat16), (8, jnp.float16)])
+def test_d256_groups_pad_to_a_warpgroup_block(rng, g, dtype):
+  """16-bit d = 256 with g >= 4 runs the 64-row (warpgroup) tensor-core block by default."""
+  assert mma_rows(g, dtype, 256) == 64 and mma_rows(g, dtype, 128) == 16
+  case = make_case(rng, g=g, d=256, dtype=dtype, seed=60 + g, length_delta=1,
+                   plan_kwargs_=split(6))
+  args = (case.q, case.k_pool, case.v_pool, *row_args(case.plan), phase1(case))
+  got = sequence_first(*args, interpret=True)
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)),
+                             np.asarray(sequence_first_reference(*args).astype(jnp.float32)),
+                             atol=TOL[dtype], rtol=0)
   check_against_dense(case, got, dtype)
 
 
