@@ -285,7 +285,7 @@ def prefill_attention(q: jax.Array, positions: jax.Array, k_pool: jax.Array, v_p
       or "reference" (gathers every sequence's chunks and materialises the `[S, h, T, n]` scores);
       "mosaic" / "mosaic_interpret" (decode-only backends) prefill as "pallas" / "pallas_interpret".
     num_tokens: optional int32 `[S]` valid new tokens per sequence (padding tokens are skipped by
-      "pallas" and "xla" and output zeros / unspecified values).
+      "pallas" and "xla" and output zeros).
     sharing: optional `PrefillSharing` for the Pallas paths (the others read every sequence's
       chunks themselves and only check it).
     check: when the arrays are concrete (outside `jit`), reject chunk path entries outside the
@@ -315,6 +315,10 @@ def prefill_attention(q: jax.Array, positions: jax.Array, k_pool: jax.Array, v_p
   if impl != "reference":
     # No Mosaic prefill kernel yet: layers that decode with "mosaic*" prefill with the Triton one.
     impl = {"mosaic": "pallas", "mosaic_interpret": "pallas_interpret"}.get(impl, impl)
+    if num_tokens is not None and impl != "xla" and "out" not in knobs:
+      # The kernels write no padding token: start from zeros, as the XLA path returns them (the
+      # next layer's norms and MLP then never see uninitialised memory).
+      knobs["out"] = jnp.zeros_like(q)
     return prefill_lib.prefill(q, k_pool, v_pool, positions, chunk_paths, num_tokens, impl=impl,
                                sm_scale=sm_scale, **items, **knobs)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale

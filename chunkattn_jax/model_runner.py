@@ -77,21 +77,23 @@ class ModelRunner:
     slots[..., 0] = drop
     chunk_paths = np.zeros((s_cap, path_cap), np.int32)
     last = np.zeros(s_cap, np.int32)
+    num_tokens = np.zeros(s_cap, np.int32)  # attention skips padding tokens and sequences
     for i in range(s_cap):
       src = i if i < len(batch) else 0
       e = batch[src]
       start, n = e.num_cached, len(e.tokens)  # tokens [start, n) are computed
       tokens[i, : n - start] = e.tokens[start:]
       positions[i, : n - start] = np.arange(start, n)
-      if i == src:  # padding sequences keep the dropped slots
+      if i == src:  # padding sequences keep the dropped slots and attend to nothing
         slots[i] = kv_pool_lib.pad_slots(e.slots, t_cap, drop)
+        num_tokens[i] = n - start
       chunk_paths[i, : len(e.chunk_path)] = e.chunk_path
       last[i] = n - start - 1
     samp = self.sampling_arrays([(e.request.sampling, len(e.request.output)) for e in batch],
                                 s_cap)
     # The engine's arrays come from its own tree: the layer's input check is skipped.
     inputs = layers.PrefillInputs(positions=positions, slots=slots, chunk_paths=chunk_paths,
-                                  check=False)
+                                  num_tokens=num_tokens, check=False)
     tok, logits = self._call(self.prefill_step, tokens, inputs, last, *samp)
     self._path_cap = path_cap
     return tok[: len(batch)], None if logits is None else logits[: len(batch)]
