@@ -441,8 +441,13 @@ class _TensorFiles:
         h.__exit__(None, None, None)
 
 
+def _natural_key(name: str) -> list:
+  """Sort key putting layer 2 before layer 10 (errors name the first bad tensor in that order)."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _summary(names, limit=8) -> str:
-  names = sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+  names = sorted(names, key=_natural_key)
   more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
   return ", ".join(names[:limit]) + more
 
@@ -455,7 +460,7 @@ def _check_inv_freq_buffers(files: _TensorFiles, cfg, names) -> None:
   (or, for linear/dynamic scaling, which older versions applied to the positions, the unscaled ones)."""
   ours = rope_lib.inverse_frequencies(cfg.d_head, float(cfg.rope_theta), cfg.rope_scaling)
   plain = rope_lib.inverse_frequencies(cfg.d_head, float(cfg.rope_theta))
-  for name in names:
+  for name in sorted(names, key=_natural_key):  # a set: check in a reproducible order
     w = np.asarray(files.get(name), np.float32)
     if not any(w.shape == f.shape and np.allclose(w, f, rtol=1e-5, atol=0) for f in (ours, plain)):
       raise CheckpointError(f"{files.where[name]}: tensor {name!r} holds RoPE frequencies that do "
