@@ -7,26 +7,7 @@
 # what ran, what timed out and what failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/device_out}
-mkdir -p "$OUT" runs
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
-summary=$OUT/summary.txt
-: > "$summary"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$summary"
-python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' | tee -a "$summary"
-
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "runs/$name.log" 2>&1
-  local rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$summary"
-  tail -n 40 "runs/$name.log" >> "$summary"
-}
+source scripts/device_common.sh
 
 # 1. Correctness on the GPU: the real (compiled) kernels against dense attention: Triton decode,
 #    Triton prefill (with and without the shared-prefix pass), Mosaic decode on a Hopper.

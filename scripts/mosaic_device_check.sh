@@ -2,33 +2,15 @@
 # One prepared GPU run for the Mosaic GPU kernels (impl="mosaic"), on a lent H100/H200, from the
 # repo root: the compiled kernels against dense attention (pytest -m gpu), then Table 3 timing of
 # ours_mosaic beside the Triton kernels, the paged baseline and cuDNN, then one ring-depth variant.
-# Carry wheels/ (ml_collections, made by: pip download --no-deps -d wheels ml_collections==1.1.0).
+# Carry .whl (ml_collections, made by scripts/device_wheels.sh).
 # Writes logs and results under $OUT; the summary (last lines) lists each step's exit code.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/device_out}
-mkdir -p "$OUT" runs
 if [ ! -f pallas_kernels/mosaic_decode.py ]; then
   echo "this checkout has no pallas_kernels/mosaic_decode.py:"; git log -1 --oneline; exit 3
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if ls wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    wheels/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
-summary=$OUT/summary.txt
-: > "$summary"
-git log -1 --oneline | tee -a "$summary"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$summary"
-
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$summary"
-  tail -n "${TAIL:-25}" "$OUT/$name.log" >> "$summary"
-}
+LOG_DIR=${OUT:-/tmp/device_out} TAIL=${TAIL:-25}
+source scripts/device_common.sh
 
 step gpu_tests "${GPU_TESTS_S:-200}" python3 -m pytest -q -m gpu tests/test_mosaic_decode.py \
   -p no:cacheprovider -x
