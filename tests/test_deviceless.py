@@ -20,6 +20,17 @@ from pallas_kernels.sequence_first import CUDA_CORE_MAX_GROUP, mma_rows
 REQUIRE = os.environ.get("CHUNKATTN_REQUIRE_SM90") == "1"
 OPTIN_SMEM = deviceless.H100.smem_per_block_optin
 
+
+def require_sm90_toolchain() -> None:
+  """Skips the calling test when the deviceless toolchain (CUDA PJRT plugin, ptxas) is missing,
+  with a message naming what is missing; fails it instead under CHUNKATTN_REQUIRE_SM90=1 (CI)."""
+  try:
+    deviceless.check_toolchain()
+  except deviceless.ToolchainMissing as e:
+    if REQUIRE:
+      pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
+    pytest.skip(str(e))
+
 # Deliberately bad knobs: fp32 products on CUDA cores with 64 x 32 blocks spill; 64 x 64 blocks
 # with 4 stages need more shared memory than an H100 has (XLA refuses to compile).
 SPILL_SPEC = dict(builder="pallas_kernels.deviceless:decode_call", kwargs=dict(
@@ -39,12 +50,7 @@ MULTI_TOKEN_SPECS = [dict(builder="pallas_kernels.deviceless:decode_call",
 
 @pytest.fixture(scope="module")
 def sweep():
-  try:
-    deviceless.check_toolchain()
-  except deviceless.ToolchainMissing as e:
-    if REQUIRE:
-      pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
-    pytest.skip(str(e))
+  require_sm90_toolchain()
   base = kernel_resources.specs(kernel_resources_config.get_config())
   specs = base + MULTI_TOKEN_SPECS
   reports = deviceless.compile_specs(specs + [SPILL_SPEC, SMEM_SPEC, NO_ITEMS_SPEC])

@@ -15,7 +15,6 @@
 
 import functools
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from kernel_cases import TOL, check_against_dense, make_case, split
 from pallas_kernels import (MosaicConfig, chunk_first_reference, deviceless, mosaic_chunk_first,
                             mosaic_sequence_first, two_phase_decode)
 from pallas_kernels.mosaic_decode import check_mosaic
+from test_deviceless import require_sm90_toolchain
 from test_lowering import lower_for_cuda, plan_specs
 
 ITEM_ARGS = ("item_chunks", "item_num_chunks", "item_row_begin", "item_row_end", "item_slot")
@@ -255,12 +255,7 @@ def test_lowering_without_items_is_one_kernel():
 
 # --- XLA's deviceless sm_90a compile -------------------------------------------------------------
 def compile_reports(configs):
-  try:
-    deviceless.check_toolchain()
-  except deviceless.ToolchainMissing as e:
-    if os.environ.get("CHUNKATTN_REQUIRE_SM90") == "1":
-      pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
-    pytest.skip(str(e))
+  require_sm90_toolchain()
   config = kernel_resources_mosaic.get_config()
   specs = [s for s in kernel_resources.specs(config)
            if (s["kwargs"]["d"], s["kwargs"]["c"], s["kwargs"]["dtype"], s["kwargs"]["g"])

@@ -10,7 +10,6 @@ must write nothing: output buffers are poisoned with NaN first.
 
 import dataclasses
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from experiments import kernel_resources
 from kernel_cases import GQA, TOL
 from pallas_kernels import deviceless
 from pallas_kernels import prefill as pf
+from test_deviceless import OPTIN_SMEM, require_sm90_toolchain
 from test_lowering import lower_for_cuda
 
 S_ = jax.ShapeDtypeStruct
@@ -436,8 +436,6 @@ def test_mqa_lowers_for_h100():
     assert text.count("__gpu$xla.gpu.triton") == 2
 
 
-REQUIRE = os.environ.get("CHUNKATTN_REQUIRE_SM90") == "1"
-OPTIN_SMEM = deviceless.H100.smem_per_block_optin
 
 
 # Every d, c, dtype and g at least once; compiled on every run (the whole grid is `slow`).
@@ -447,12 +445,7 @@ REPRESENTATIVE = [(64, 16, "float16", 1), (128, 64, "bfloat16", 4), (256, 128, "
 
 
 def compile_prefill(configs):
-  try:
-    deviceless.check_toolchain()
-  except deviceless.ToolchainMissing as e:
-    if REQUIRE:
-      pytest.fail(f"CHUNKATTN_REQUIRE_SM90=1 but {e}")
-    pytest.skip(str(e))
+  require_sm90_toolchain()
   specs = kernel_resources.specs(prefill_resources_config.get_config())
   assert [(s["kwargs"]["d"], s["kwargs"]["c"], s["kwargs"]["dtype"], s["kwargs"]["g"])
           for s in specs] == CONFIGS
